@@ -1,0 +1,1 @@
+//! OnSIP simulator (being written).
