@@ -1,0 +1,122 @@
+//! Wiring: start the HTTP server, the OnSIP session and the expiry sweep
+//! under one cancellation token, and stop them in order. No logic of its own.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::http::{self, HttpContext};
+use crate::metrics::{BuildInfo, Metrics};
+use crate::session;
+use crate::state::{Shared, State};
+
+/// The version and revision this binary was built from.
+pub const BUILD: BuildInfo = BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    revision: match option_env!("ONSIP_BUILD_REVISION") {
+        Some(revision) => revision,
+        None => "unknown",
+    },
+};
+
+/// How often stale registrations are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A running exporter.
+pub struct Exporter {
+    /// Where HTTP is served (useful when the configured port was 0).
+    pub local_addr: SocketAddr,
+    pub shared: Shared,
+    task: JoinHandle<()>,
+}
+
+impl Exporter {
+    /// Waits until the exporter has stopped (after its token was cancelled).
+    pub async fn stopped(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listen address and starts everything. Errors are start-up
+/// problems (address in use, unreadable CA file) and name the flag.
+pub async fn start(config: Config, cancel: CancellationToken) -> Result<Exporter, String> {
+    let config = Arc::new(config);
+    // Build the TLS trust store now so a bad CA file fails at start-up.
+    if let crate::config::Transport::StartTls { ca_file } = &config.xmpp.transport {
+        crate::xmpp::tls_config(ca_file.as_deref())?;
+    }
+    let listener = http::bind(config.listen_address).await?;
+    let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let shared: Shared = Arc::new(Mutex::new(State::new(
+        config.limits.clone(),
+        &config.onsip.nodes,
+    )));
+    shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .fleet
+        .set_watched(&config.onsip.watch);
+    let ctx = Arc::new(HttpContext {
+        metrics: Metrics::new(shared.clone(), config.per_address_metrics, BUILD),
+        shared: shared.clone(),
+        telemetry_path: config.telemetry_path.clone(),
+        version: BUILD.version,
+        ready: AtomicBool::new(true),
+    });
+    info!(address = %local_addr, telemetry_path = %config.telemetry_path, "serving HTTP");
+
+    let http_cancel = CancellationToken::new();
+    let session_cancel = cancel.child_token();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        ctx.clone(),
+        http_cancel.clone(),
+        Duration::from_secs(5),
+    ));
+    let session_task = tokio::spawn(session::run(config.clone(), shared.clone(), session_cancel));
+    let sweep_task = tokio::spawn(sweep(shared.clone(), cancel.clone()));
+
+    let task = tokio::spawn(async move {
+        cancel.cancelled().await;
+        // Order: stop being ready, unsubscribe and close XMPP, then drain HTTP.
+        ctx.ready.store(false, Ordering::Relaxed);
+        let _ = session_task.await;
+        let _ = sweep_task.await;
+        http_cancel.cancel();
+        let _ = http_task.await;
+        info!("stopped");
+    });
+    Ok(Exporter {
+        local_addr,
+        shared,
+        task,
+    })
+}
+
+/// Drops registrations that expired (plus grace) without a retract.
+async fn sweep(shared: Shared, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let dropped = shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire(session::unix_now());
+        if dropped > 0 {
+            info!(
+                devices = dropped,
+                "dropped registrations that expired without a retract"
+            );
+        }
+    }
+}
