@@ -103,12 +103,9 @@ pub struct DemoArgs {
     /// Where the demo's exporter serves /metrics.
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9847")]
     pub listen_address: SocketAddr,
-    /// Phones per SIP domain in the demo fleet.
-    #[arg(long = "demo.phones", default_value_t = 12)]
+    /// SIP addresses per domain in the demo fleet (three domains).
+    #[arg(long = "demo.phones", default_value_t = 6)]
     pub phones: usize,
-    /// Seconds between simulated phone events.
-    #[arg(long = "demo.interval", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub interval: Duration,
 }
 
 /// Flags of the exporter. Options without a default here get theirs in

@@ -17,7 +17,8 @@
 //! - [`session`]: the OnSIP procedure over a link, reconnects, keepalive.
 //! - [`metrics`] and [`process`]: `/metrics` encoded from the state at scrape time.
 //! - [`http`]: the hyper server.
-//! - [`app`]: wiring and orderly shutdown; [`telemetry`]: logging.
+//! - [`app`]: wiring and orderly shutdown; [`telemetry`]: logging;
+//!   [`demo`]: the simulator and the exporter together, for a first look.
 //!
 //! The OnSIP simulator the tests and the demo run against is its own crate,
 //! `onsip-sim`, so a parsing bug here cannot mirror itself there.
@@ -25,6 +26,7 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod page;

@@ -22,9 +22,8 @@ fn main() -> ExitCode {
     match cli.command {
         None | Some(Command::Run) => runtime.block_on(run(&cli.flags)),
         Some(Command::CheckConfig) => check_config(&cli.flags),
-        Some(Command::Demo(_args)) => {
-            eprintln!("demo: being wired to the simulator");
-            ExitCode::FAILURE
+        Some(Command::Demo(args)) => {
+            runtime.block_on(onsip_ua_exporter::demo::run(args, shutdown_signal()))
         }
     }
 }

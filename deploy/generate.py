@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Generates the Kubernetes objects that wrap the repository's alerts and dashboards.
+
+alerts/*.rules.yml and dashboards/*.json are the one source of truth; this script derives
+  deploy/generated/prometheusrule.yaml               one PrometheusRule with every group
+  deploy/generated/grafana-dashboards-configmap.yaml one ConfigMap per dashboard, labelled
+                                                     grafana_dashboard: "1" for Grafana's
+                                                     dashboard sidecar
+and `--check` fails (exit 1, with a diff) when the committed files differ from what it
+would write, so a rule or dashboard edited without re-running it cannot land.
+
+Output is deterministic: inputs in sorted order, keys in source order, no timestamps.
+Dashboard JSON is carried byte for byte (the file's text, not a re-serialisation).
+
+Usage: python3 deploy/generate.py [--check] [--root DIR]
+Needs Python 3.11 and PyYAML (`pip install pyyaml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - depends on the machine
+    sys.exit("deploy/generate.py needs PyYAML: python3 -m pip install pyyaml")
+
+NAME = "onsip-ua-exporter"
+COMMON_LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": NAME}
+# Folder for the dashboards when the Grafana sidecar is configured with
+# folderAnnotation: grafana_folder (ignored otherwise).
+GRAFANA_FOLDER = "OnSIP"
+RULE_OUT = Path("deploy/generated/prometheusrule.yaml")
+DASHBOARD_OUT = Path("deploy/generated/grafana-dashboards-configmap.yaml")
+# Kubernetes refuses objects over 1 MiB; `kubectl apply` without --server-side also copies
+# the object into an annotation limited to 256 KiB.
+CONFIGMAP_HARD_LIMIT = 1024 * 1024 - 4096
+CLIENT_SIDE_APPLY_LIMIT = 256 * 1024
+
+
+class GenerateError(Exception):
+    """A source file that cannot be turned into a manifest."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, multi-line strings as literal blocks, lists indented under their key."""
+
+    def increase_indent(self, flow=False, indentless=False):
+        return super().increase_indent(flow, False)
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def _dump(obj: object) -> str:
+    return yaml.dump(
+        obj,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=100,
+        indent=2,
+    )
+
+
+def _header(lines: list[str]) -> str:
+    return "".join(f"# {line}\n" if line else "#\n" for line in lines)
+
+
+def _render(header: list[str], objects: list[dict]) -> str:
+    body = "---\n".join(_dump(obj) for obj in objects)
+    text = _header(header) + body
+    # The dumper must not have changed anything: what Kubernetes reads back is the source.
+    if [d for d in yaml.safe_load_all(text) if d is not None] != objects:
+        raise GenerateError("internal error: the YAML written does not read back equal")
+    return text
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def prometheus_rule(root: Path) -> str:
+    files = sorted((root / "alerts").glob("*.rules.yml"))
+    groups: list[dict] = []
+    seen: dict[str, str] = {}
+    for path in files:
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise GenerateError(f"{_rel(path, root)}: not valid YAML: {err}") from err
+        if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
+            raise GenerateError(f"{_rel(path, root)}: expected a rule file with a `groups:` list")
+        extra = sorted(set(doc) - {"groups"})
+        if extra:
+            raise GenerateError(f"{_rel(path, root)}: unexpected top-level key(s) {extra}")
+        for group in doc["groups"]:
+            if not isinstance(group, dict) or not isinstance(group.get("name"), str):
+                raise GenerateError(f"{_rel(path, root)}: every group needs a `name`")
+            name = group["name"]
+            if name in seen:
+                raise GenerateError(
+                    f"{_rel(path, root)}: group {name!r} is also defined in {seen[name]}"
+                )
+            seen[name] = _rel(path, root)
+            groups.append(group)
+    if not files:
+        print("generate.py: warning: no alerts/*.rules.yml found; the PrometheusRule is empty",
+              file=sys.stderr)
+    obj = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": NAME, "labels": dict(COMMON_LABELS)},
+        "spec": {"groups": groups},
+    }
+    header = [
+        "Generated by deploy/generate.py from the files below: do not edit.",
+        "Change alerts/ and run `python3 deploy/generate.py`.",
+        "",
+        *[f"  {_rel(p, root)}" for p in files],
+        "",
+        "Needs the Prometheus Operator. kube-prometheus-stack's Prometheus by default only",
+        "loads PrometheusRules labelled `release: <its Helm release name>`: see",
+        "docs/kubernetes.md.",
+    ]
+    return _render(header, [obj])
+
+
+def _configmap_name(stem: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")
+    if not slug:
+        raise GenerateError(f"dashboard file name {stem!r} gives an empty object name")
+    return f"{NAME}-dashboard-{slug}"[:253].rstrip("-")
+
+
+def dashboard_configmaps(root: Path) -> str:
+    files = sorted((root / "dashboards").glob("*.json"))
+    objects: list[dict] = []
+    names: dict[str, str] = {}
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        try:
+            dashboard = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise GenerateError(f"{_rel(path, root)}: not valid JSON: {err}") from err
+        if not isinstance(dashboard, dict):
+            raise GenerateError(f"{_rel(path, root)}: expected a JSON object")
+        if "__inputs" in dashboard:
+            print(
+                f"generate.py: warning: {_rel(path, root)} has `__inputs` (an export for "
+                "sharing); the Grafana sidecar does not resolve them",
+                file=sys.stderr,
+            )
+        name = _configmap_name(path.stem)
+        if name in names:
+            raise GenerateError(
+                f"{_rel(path, root)} and {names[name]} both map to ConfigMap {name!r}"
+            )
+        names[name] = _rel(path, root)
+        size = len(path.name.encode()) + len(text.encode())
+        if size > CONFIGMAP_HARD_LIMIT:
+            raise GenerateError(f"{_rel(path, root)}: {size} bytes, too large for a ConfigMap")
+        if size > CLIENT_SIDE_APPLY_LIMIT:
+            print(
+                f"generate.py: warning: {_rel(path, root)} is {size} bytes: apply it with "
+                "`kubectl apply --server-side`",
+                file=sys.stderr,
+            )
+        objects.append({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "labels": {**COMMON_LABELS, "grafana_dashboard": "1"},
+                "annotations": {"grafana_folder": GRAFANA_FOLDER},
+            },
+            # ConfigMap keys allow only [-._a-zA-Z0-9]; the sidecar names the file after the key.
+            "data": {re.sub(r"[^-._a-zA-Z0-9]", "-", path.name): text},
+        })
+    if not files:
+        print("generate.py: warning: no dashboards/*.json found; no ConfigMap generated",
+              file=sys.stderr)
+    header = [
+        "Generated by deploy/generate.py from the files below: do not edit.",
+        "Change dashboards/ and run `python3 deploy/generate.py`.",
+        "",
+        *[f"  {_rel(p, root)}" for p in files],
+        "",
+        "One ConfigMap per dashboard, for Grafana's dashboard sidecar (label",
+        'grafana_dashboard: "1"; folder from the grafana_folder annotation when the sidecar',
+        "has folderAnnotation: grafana_folder). The sidecar watches its own namespace",
+        "unless told otherwise: see docs/kubernetes.md.",
+    ]
+    return _render(header, objects) if objects else _header(header)
+
+
+def outputs(root: Path) -> dict[Path, str]:
+    return {RULE_OUT: prometheus_rule(root), DASHBOARD_OUT: dashboard_configmaps(root)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 with a diff if a generated file is out of date")
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
+                        help="repository root (default: the parent of deploy/)")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+
+    try:
+        wanted = outputs(root)
+    except GenerateError as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 2
+
+    if not args.check:
+        for rel, text in wanted.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                path.write_text(text, encoding="utf-8")
+                print(f"wrote {rel.as_posix()}")
+            else:
+                print(f"unchanged {rel.as_posix()}")
+        return 0
+
+    drift = False
+    for rel, text in wanted.items():
+        path = root / rel
+        have = path.read_text(encoding="utf-8") if path.exists() else ""
+        if have != text:
+            drift = True
+            sys.stdout.writelines(difflib.unified_diff(
+                have.splitlines(keepends=True), text.splitlines(keepends=True),
+                fromfile=f"{rel.as_posix()} (committed)",
+                tofile=f"{rel.as_posix()} (from alerts/ and dashboards/)",
+            ))
+    stray = sorted(
+        p for p in (root / RULE_OUT.parent).glob("*")
+        if p.relative_to(root) not in wanted
+    ) if (root / RULE_OUT.parent).is_dir() else []
+    for path in stray:
+        drift = True
+        print(f"{_rel(path, root)}: not produced by the generator (remove it)")
+    if drift:
+        print("generated files are out of date: run `python3 deploy/generate.py`", file=sys.stderr)
+        return 1
+    print(f"generated files up to date ({', '.join(p.as_posix() for p in wanted)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
