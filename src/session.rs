@@ -285,10 +285,11 @@ async fn run_link(
             .out
             .send(Stanza::Presence(Presence::unavailable()))
             .await;
-        drop(workflow);
         // With every sender gone the pump closes the stream and returns.
-        pump.await
+        drop(workflow);
     };
+    // The pump must keep running to carry the unsubscribe replies.
+    let goodbye = async { tokio::join!(goodbye, &mut pump) };
     let _ = tokio::time::timeout(deadline, goodbye).await;
     None
 }

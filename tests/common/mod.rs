@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: real servers on loopback, waits with deadlines.
 #![allow(dead_code)]
 
+pub mod exporter;
 pub mod prometheus;
 pub mod promql;
 pub mod prosody;

@@ -1,0 +1,281 @@
+//! The exporter end to end against a real Prosody (STARTTLS + SCRAM, a test
+//! CA) with the OnSIP simulator attached as an XEP-0114 component: login,
+//! authorize, subscribe, phones registering, refreshing and going offline,
+//! a wrong password, clean unsubscribe on shutdown, and a real scrape that
+//! `promtool check metrics` accepts.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::exporter::{self, scrape, wait_metric};
+use common::prosody::Prosody;
+use common::wait::{eventually, find_binary};
+use onsip_sim::{Account, SimConfig, Simulator};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+const XMPP_PASSWORD: &str = "xmpp-secret-0xC0FFEE";
+const WEB_PASSWORD: &str = "web-portal-secret-0xBEEF";
+
+struct World {
+    prosody: Prosody,
+    sim: Simulator,
+    cancel: CancellationToken,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Prosody with TLS 1.3 allowed and PLAIN refused (so login must be SCRAM),
+/// the exporter's account, and the simulator attached.
+async fn world() -> World {
+    let prosody = Prosody::builder().allow_tls13().sasl_plain(false).start();
+    prosody.register("exporter", XMPP_PASSWORD);
+    let jid = prosody.jid("exporter");
+    let mut account = Account::new(
+        &jid,
+        &["alice@acme.example", "bob@acme.example"],
+        WEB_PASSWORD,
+    );
+    account.xmpp_password = XMPP_PASSWORD.into();
+    let sim = Simulator::new(SimConfig::new(prosody.domain()).with_account(account));
+    let cancel = CancellationToken::new();
+    tokio::spawn(onsip_sim::attach_component(
+        sim.clone(),
+        prosody.component_addr(),
+        prosody.component_secret().to_owned(),
+        cancel.clone(),
+    ));
+    let probe = sim.clone();
+    eventually(DEADLINE, "simulator components attached", || {
+        let ok = probe.components_connected();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    World {
+        prosody,
+        sim,
+        cancel,
+    }
+}
+
+async fn start_exporter(world: &World, xmpp_password: &str) -> exporter::Running {
+    let flags = exporter::flags_for(
+        &world.prosody.jid("exporter"),
+        world.prosody.c2s_addr(),
+        world.prosody.domain(),
+        Some(world.prosody.ca_cert_path()),
+    );
+    let flags = onsip_ua_exporter::config::Flags {
+        sip_address: Some("alice@acme.example".into()),
+        ..flags
+    };
+    exporter::start(flags, xmpp_password, Some(WEB_PASSWORD)).await
+}
+
+fn alice(series: &str) -> String {
+    format!("{series}{{domain=\"acme.example\",user=\"alice\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phones_come_and_go_on_metrics() {
+    let world = world().await;
+    let running = start_exporter(&world, XMPP_PASSWORD).await;
+    let addr = running.addr;
+
+    wait_metric(addr, "onsip_up", 1.0, DEADLINE).await;
+    let m = scrape(addr).await;
+    assert_eq!(m.get("onsip_xmpp_connected"), Some(&1.0));
+    assert_eq!(m.get("onsip_authorized_addresses"), Some(&2.0));
+    let node = format!("/me/{}", world.prosody.jid("exporter"));
+    assert_eq!(
+        m.get(&format!(
+            "onsip_subscription_state{{node=\"{node}\",state=\"subscribed\"}}"
+        )),
+        Some(&1.0)
+    );
+    // Authorized addresses are exported with 0 devices before any phone.
+    assert_eq!(m.get(&alice("onsip_user_agent_devices")), Some(&0.0));
+    assert_eq!(
+        m.get("onsip_user_agent_devices{domain=\"acme.example\",user=\"bob\"}"),
+        Some(&0.0)
+    );
+    // Logged in with SCRAM over TLS, not PLAIN.
+    let log = world.prosody.log();
+    assert!(
+        log.contains("SCRAM-SHA-1") || log.contains("SCRAM-SHA-256"),
+        "no SCRAM in Prosody's log:\n{log}"
+    );
+
+    let expires = Utc::now() + chrono::Duration::hours(1);
+    world.sim.register_phone(
+        "alice@acme.example",
+        "item-1",
+        "sip:alice@192.0.2.10:5060",
+        "sip:198.51.100.1:34873",
+        "Yealink SIP-T54W 96.86.0.70",
+        expires,
+    );
+    wait_metric(addr, &alice("onsip_user_agent_devices"), 1.0, DEADLINE).await;
+    let m = scrape(addr).await;
+    assert_eq!(
+        m.get(&alice("onsip_user_agent_registrations_total")),
+        Some(&1.0)
+    );
+    assert_eq!(
+        m.get(&alice(
+            "onsip_user_agent_registration_expiry_timestamp_seconds"
+        )),
+        Some(&(expires.timestamp() as f64))
+    );
+    assert_eq!(
+        m.get("onsip_domain_addresses_online{domain=\"acme.example\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(
+        m.get("onsip_domain_devices_by_user_agent{domain=\"acme.example\",device=\"Yealink SIP-T54W 96.86.0.70\"}"),
+        Some(&1.0)
+    );
+
+    // The same item again is a refresh, not a second device.
+    world.sim.register_phone(
+        "alice@acme.example",
+        "item-1",
+        "sip:alice@192.0.2.10:5060",
+        "sip:198.51.100.1:34873",
+        "Yealink SIP-T54W 96.86.0.70",
+        expires,
+    );
+    wait_metric(
+        addr,
+        &alice("onsip_user_agent_refreshes_total"),
+        1.0,
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(
+        scrape(addr).await.get(&alice("onsip_user_agent_devices")),
+        Some(&1.0)
+    );
+
+    // A second phone, then both go offline.
+    world.sim.register_phone(
+        "alice@acme.example",
+        "item-2",
+        "sip:alice@192.0.2.11:5060",
+        "sip:198.51.100.1:34874",
+        "Polycom/6.4.3 VVX-450",
+        expires,
+    );
+    wait_metric(addr, &alice("onsip_user_agent_devices"), 2.0, DEADLINE).await;
+    assert!(world.sim.unregister_phone("alice@acme.example", "item-1"));
+    assert!(world.sim.unregister_phone("alice@acme.example", "item-2"));
+    wait_metric(addr, &alice("onsip_user_agent_devices"), 0.0, DEADLINE).await;
+    let m = scrape(addr).await;
+    assert_eq!(m.get(&alice("onsip_user_agent_retracts_total")), Some(&2.0));
+    assert_eq!(
+        m.get(&alice("onsip_user_agent_registrations_total")),
+        Some(&2.0)
+    );
+    assert_eq!(
+        m.get("onsip_pubsub_events_total{kind=\"retract\"}"),
+        Some(&2.0)
+    );
+    assert_eq!(
+        m.get("onsip_pubsub_events_total{kind=\"malformed\"}"),
+        Some(&0.0)
+    );
+    assert_eq!(m.get("onsip_up"), Some(&1.0));
+
+    // Exactly one subscription of ours at the service; none after shutdown.
+    let ours = |sim: &Simulator| {
+        sim.subscriptions()
+            .into_iter()
+            .filter(|s| s.jid.starts_with("exporter@"))
+            .count()
+    };
+    assert_eq!(ours(&world.sim), 1);
+    running.stop().await;
+    assert_eq!(ours(&world.sim), 0, "unsubscribed on shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_visible_and_not_fatal() {
+    let world = world().await;
+    let running = start_exporter(&world, "not-the-password").await;
+    let addr = running.addr;
+    eventually(DEADLINE, "auth errors rise past 2", || async move {
+        let m = scrape(addr).await;
+        (m.get("onsip_xmpp_errors_total{kind=\"auth\"}")
+            .copied()
+            .unwrap_or(0.0)
+            >= 2.0)
+            .then_some(m)
+    })
+    .await;
+    let m = scrape(addr).await;
+    assert_eq!(m.get("onsip_up"), Some(&0.0));
+    assert_eq!(m.get("onsip_xmpp_connected"), Some(&0.0));
+    let (status, page) = exporter::http_get(addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("auth:"),
+        "status page names the failure:\n{page}"
+    );
+    assert!(
+        !page.contains("not-the-password"),
+        "the password leaked onto the page"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_a_real_scrape() {
+    let world = world().await;
+    let running = start_exporter(&world, XMPP_PASSWORD).await;
+    wait_metric(running.addr, "onsip_up", 1.0, DEADLINE).await;
+    world.sim.register_phone(
+        "bob@acme.example",
+        "x",
+        "sip:bob@192.0.2.2",
+        "sip:198.51.100.2:5060",
+        "Cisco/SPA504G-7.6.2f",
+        Utc::now() + chrono::Duration::hours(1),
+    );
+    wait_metric(
+        running.addr,
+        "onsip_user_agent_devices{domain=\"acme.example\",user=\"bob\"}",
+        1.0,
+        DEADLINE,
+    )
+    .await;
+    let (_, body) = exporter::http_get(running.addr, "/metrics").await;
+    let promtool = find_binary("PROMTOOL_BIN", "promtool");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write scrape");
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    running.stop().await;
+}
