@@ -200,6 +200,12 @@ pub struct Flags {
         env = "ONSIP_STATE_MAX_DEVICES_PER_ADDRESS"
     )]
     pub max_devices: Option<usize>,
+    /// File to keep the devices in across restarts (written atomically).
+    #[arg(long = "state.file", env = "ONSIP_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+    /// Least time between two writes of the state file [default: 10s].
+    #[arg(long = "state.write-interval", env = "ONSIP_STATE_WRITE_INTERVAL", value_parser = humantime::parse_duration)]
+    pub state_write_interval: Option<Duration>,
 
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides) [default: info].
     #[arg(long = "log.level", env = "ONSIP_LOG_LEVEL")]
@@ -280,6 +286,9 @@ pub struct FileState {
     pub expiry_grace: Option<Duration>,
     pub max_addresses: Option<usize>,
     pub max_devices_per_address: Option<usize>,
+    pub file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub write_interval: Option<Duration>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -358,6 +367,8 @@ pub struct Config {
     pub onsip: OnsipConfig,
     pub per_address_metrics: bool,
     pub limits: Limits,
+    pub state_file: Option<PathBuf>,
+    pub state_write_interval: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -673,6 +684,27 @@ impl Config {
             }
         }
 
+        let state_file = flags.state_file.clone().or(file.state.file.clone());
+        if let Some(path) = &state_file {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "--state.file",
+                    format!("directory {} does not exist", dir.display()),
+                ));
+            }
+        }
+        let state_write_interval = flags
+            .state_write_interval
+            .or(file.state.write_interval)
+            .unwrap_or(Duration::from_secs(10));
+        if state_write_interval < Duration::from_millis(100) {
+            return Err(invalid("--state.write-interval", "must be at least 100ms"));
+        }
+
         let log_level = flags
             .log_level
             .clone()
@@ -716,6 +748,8 @@ impl Config {
                 .or(file.metrics.per_address)
                 .unwrap_or(true),
             limits,
+            state_file,
+            state_write_interval,
             log_level,
             log_format: flags
                 .log_format

@@ -11,6 +11,7 @@
 //! - [`status`]: the session's own state: link, authorization, subscriptions, errors.
 //! - [`config`]: flags + environment + file → one validated `Config`.
 //! - [`page`]: the status page and its JSON, rendered from a copy of the state.
+//! - [`persist`]: the state file format, capture/restore, atomic writes.
 //!
 //! I/O edges:
 //! - [`xmpp`]: opening a link (TCP, STARTTLS, SASL, bind, presence).
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod page;
+pub mod persist;
 pub mod process;
 pub mod session;
 pub mod stanza;

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::stanza::{PubsubEvent, Registration, SipAddress};
-use crate::status::{EventKind, NodeState, NodeStatus, Recent, RecentChange, SessionStatus};
+use crate::status::{
+    EventKind, NodeState, NodeStatus, PersistStatus, Recent, RecentChange, SessionStatus,
+};
 
 /// Bounds that keep a hostile or runaway feed from eating the host.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,6 +110,8 @@ pub struct Fleet {
     /// Events refused by a limit, by kind (addresses, devices).
     pub refused_addresses: u64,
     pub refused_devices: u64,
+    /// Bumped on every change worth persisting (see `persist`).
+    generation: u64,
 }
 
 impl Fleet {
@@ -120,6 +124,11 @@ impl Fleet {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// A number that changes whenever the devices or watched set change.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of known SIP addresses.
@@ -211,6 +220,7 @@ impl Fleet {
             device.registration = registration.clone();
             device.last_seen = now;
             state.refreshes += 1;
+            self.generation += 1;
             return Applied::Refreshed;
         }
         if state.devices.len() >= max_devices {
@@ -230,6 +240,7 @@ impl Fleet {
         state.registrations += 1;
         state.last_change = Some(now);
         self.devices += 1;
+        self.generation += 1;
         Applied::Registered
     }
 
@@ -248,6 +259,7 @@ impl Fleet {
                 state.retracts += 1;
                 state.last_change = Some(now);
                 self.devices -= 1;
+                self.generation += 1;
                 Applied::Retracted
             }
             None => Applied::UnknownRetract,
@@ -282,6 +294,7 @@ impl Fleet {
                     state.expirations += gone as u64;
                     state.last_change = Some(now);
                     self.devices -= gone;
+                    self.generation += 1;
                 }
             }
         }
@@ -302,6 +315,50 @@ impl Fleet {
                 state.watched = true;
             }
         }
+        self.generation += 1;
+    }
+
+    /// Puts back an address as saved by `persist` (devices, watched flag,
+    /// last change); counters start at zero as after any restart. Devices
+    /// past the per-address limit are refused and counted.
+    pub fn restore(
+        &mut self,
+        address: &SipAddress,
+        watched: bool,
+        last_change: Option<f64>,
+        devices: Vec<(Arc<str>, Registration, f64, f64)>,
+    ) {
+        let max_devices = self.limits.max_devices_per_address;
+        let Some((state, user_agents)) = self.entry(address) else {
+            return;
+        };
+        state.watched |= watched;
+        state.last_change = last_change;
+        let mut added = 0;
+        let mut refused = 0;
+        for (id, registration, first_seen, last_seen) in devices {
+            if state.devices.len() >= max_devices {
+                refused += 1;
+                continue;
+            }
+            let user_agent = count_user_agent(user_agents, &registration.device);
+            if let Some(old) = state.devices.insert(
+                id,
+                Device {
+                    registration,
+                    user_agent,
+                    first_seen,
+                    last_seen,
+                },
+            ) {
+                uncount_user_agent(user_agents, &old.user_agent);
+            } else {
+                added += 1;
+            }
+        }
+        self.devices += added;
+        self.refused_devices += refused;
+        self.generation += 1;
     }
 
     /// Replaces the devices of every address for which `in_scope` holds with
@@ -458,6 +515,7 @@ pub struct State {
     pub fleet: Fleet,
     pub session: SessionStatus,
     pub recent: Recent,
+    pub persist: PersistStatus,
 }
 
 /// The handle both sides hold.
@@ -477,6 +535,7 @@ impl State {
             fleet: Fleet::new(limits),
             session: SessionStatus::new(nodes),
             recent: Recent::new(RECENT_CHANGES),
+            persist: PersistStatus::default(),
         }
     }
 

@@ -249,6 +249,18 @@ impl SessionStatus {
     }
 }
 
+/// The state file's history in this process.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PersistStatus {
+    /// Whether a state file is configured.
+    pub enabled: bool,
+    /// Outcome of the load at start: devices restored, or why not.
+    pub loaded: Option<Result<usize, String>>,
+    pub writes: u64,
+    pub write_errors: u64,
+    pub last_write: Option<f64>,
+}
+
 /// One line of the status page's "recent changes".
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecentChange {

@@ -6,86 +6,20 @@
 
 mod common;
 
-use std::time::Duration;
 
 use chrono::Utc;
 use common::exporter::{self, scrape, wait_metric};
-use common::prosody::Prosody;
 use common::wait::{eventually, find_binary};
-use onsip_sim::{Account, SimConfig, Simulator};
-use tokio_util::sync::CancellationToken;
+use common::world::{series, world, ADDRESSES, DEADLINE, XMPP_PASSWORD};
 
-const DEADLINE: Duration = Duration::from_secs(20);
-const XMPP_PASSWORD: &str = "xmpp-secret-0xC0FFEE";
-const WEB_PASSWORD: &str = "web-portal-secret-0xBEEF";
-
-struct World {
-    prosody: Prosody,
-    sim: Simulator,
-    cancel: CancellationToken,
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-/// Prosody with TLS 1.3 allowed and PLAIN refused (so login must be SCRAM),
-/// the exporter's account, and the simulator attached.
-async fn world() -> World {
-    let prosody = Prosody::builder().allow_tls13().sasl_plain(false).start();
-    prosody.register("exporter", XMPP_PASSWORD);
-    let jid = prosody.jid("exporter");
-    let mut account = Account::new(
-        &jid,
-        &["alice@acme.example", "bob@acme.example"],
-        WEB_PASSWORD,
-    );
-    account.xmpp_password = XMPP_PASSWORD.into();
-    let sim = Simulator::new(SimConfig::new(prosody.domain()).with_account(account));
-    let cancel = CancellationToken::new();
-    tokio::spawn(onsip_sim::attach_component(
-        sim.clone(),
-        prosody.component_addr(),
-        prosody.component_secret().to_owned(),
-        cancel.clone(),
-    ));
-    let probe = sim.clone();
-    eventually(DEADLINE, "simulator components attached", || {
-        let ok = probe.components_connected();
-        async move { ok.then_some(()) }
-    })
-    .await;
-    World {
-        prosody,
-        sim,
-        cancel,
-    }
-}
-
-async fn start_exporter(world: &World, xmpp_password: &str) -> exporter::Running {
-    let flags = exporter::flags_for(
-        &world.prosody.jid("exporter"),
-        world.prosody.c2s_addr(),
-        world.prosody.domain(),
-        Some(world.prosody.ca_cert_path()),
-    );
-    let flags = onsip_ua_exporter::config::Flags {
-        sip_address: Some("alice@acme.example".into()),
-        ..flags
-    };
-    exporter::start(flags, xmpp_password, Some(WEB_PASSWORD)).await
-}
-
-fn alice(series: &str) -> String {
-    format!("{series}{{domain=\"acme.example\",user=\"alice\"}}")
+fn alice(series_name: &str) -> String {
+    series(series_name, ADDRESSES[0])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phones_come_and_go_on_metrics() {
     let world = world().await;
-    let running = start_exporter(&world, XMPP_PASSWORD).await;
+    let running = world.exporter(world.flags(), XMPP_PASSWORD).await;
     let addr = running.addr;
 
     wait_metric(addr, "onsip_up", 1.0, DEADLINE).await;
@@ -193,21 +127,15 @@ async fn phones_come_and_go_on_metrics() {
     assert_eq!(m.get("onsip_up"), Some(&1.0));
 
     // Exactly one subscription of ours at the service; none after shutdown.
-    let ours = |sim: &Simulator| {
-        sim.subscriptions()
-            .into_iter()
-            .filter(|s| s.jid.starts_with("exporter@"))
-            .count()
-    };
-    assert_eq!(ours(&world.sim), 1);
+    assert_eq!(world.our_subscriptions(), 1);
     running.stop().await;
-    assert_eq!(ours(&world.sim), 0, "unsubscribed on shutdown");
+    assert_eq!(world.our_subscriptions(), 0, "unsubscribed on shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_visible_and_not_fatal() {
     let world = world().await;
-    let running = start_exporter(&world, "not-the-password").await;
+    let running = world.exporter(world.flags(), "not-the-password").await;
     let addr = running.addr;
     eventually(DEADLINE, "auth errors rise past 2", || async move {
         let m = scrape(addr).await;
@@ -237,7 +165,7 @@ async fn wrong_password_is_visible_and_not_fatal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_a_real_scrape() {
     let world = world().await;
-    let running = start_exporter(&world, XMPP_PASSWORD).await;
+    let running = world.exporter(world.flags(), XMPP_PASSWORD).await;
     wait_metric(running.addr, "onsip_up", 1.0, DEADLINE).await;
     world.sim.register_phone(
         "bob@acme.example",

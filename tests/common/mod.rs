@@ -5,4 +5,6 @@ pub mod exporter;
 pub mod prometheus;
 pub mod promql;
 pub mod prosody;
+pub mod proxy;
 pub mod wait;
+pub mod world;
