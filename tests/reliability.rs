@@ -295,3 +295,144 @@ async fn corrupt_state_file_is_moved_aside_not_fatal() {
     running.stop().await;
     assert!(path.is_file(), "a good state was written at shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_authorization_is_renewed_with_the_subscription() {
+    // Authorizations that last 4 s: re-authorized at half-life, the
+    // subscription renewed (same subid, later expiry), events keep flowing.
+    let world = world_with(|c| c.auth_ttl = Duration::from_secs(4)).await;
+    let running = world.exporter(world.flags(), XMPP_PASSWORD).await;
+    let addr = running.addr;
+    wait_metric(addr, "onsip_up", 1.0, DEADLINE).await;
+    let first = world.sim.subscriptions();
+    assert_eq!(first.len(), 1);
+    let first_expiry = first[0].expires.expect("subscription has an expiry");
+    let sim = world.sim.clone();
+    let subid = first[0].subid.clone();
+    let renewed = eventually(DEADLINE, "subscription renewed with a later expiry", || {
+        let subs = sim.subscriptions();
+        async move {
+            match subs.as_slice() {
+                [s] if s.expires.is_some_and(|e| e > first_expiry) => Some(s.clone()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(renewed.subid, subid, "renewed in place, not re-subscribed");
+    // Past the first authorization's lifetime, events still arrive.
+    let past = first_expiry + chrono::Duration::seconds(1);
+    eventually(DEADLINE, "first authorization lapsed", || async move {
+        (Utc::now() > past).then_some(())
+    })
+    .await;
+    register(
+        &world,
+        ADDRESSES[0],
+        "late",
+        Utc::now() + chrono::Duration::hours(1),
+    );
+    wait_metric(
+        addr,
+        &series("onsip_user_agent_devices", ADDRESSES[0]),
+        1.0,
+        DEADLINE,
+    )
+    .await;
+    let m = scrape(addr).await;
+    assert_eq!(m.get("onsip_up"), Some(&1.0));
+    assert_eq!(m.get("onsip_xmpp_connects_total"), Some(&1.0));
+    assert!(
+        m.get("onsip_authorization_expiry_timestamp_seconds")
+            .copied()
+            .unwrap_or(0.0)
+            > first_expiry.timestamp() as f64
+    );
+    assert_eq!(world.our_subscriptions(), 1);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_unsubscribes_writes_state_and_exits_zero() {
+    let world = world().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.json");
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, format!("{XMPP_PASSWORD}\n")).expect("password file");
+    let port = common::wait::free_port();
+    let flags = world.flags();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_onsip-ua-exporter"))
+        .args([
+            "--web.listen-address",
+            &format!("127.0.0.1:{port}"),
+            "--xmpp.jid",
+            flags.jid.as_deref().expect("jid"),
+            "--xmpp.password-file",
+            password_file.to_str().expect("utf-8 path"),
+            "--xmpp.server",
+            flags.server.as_deref().expect("server"),
+            "--xmpp.ca-file",
+            world.prosody.ca_cert_path().to_str().expect("utf-8 path"),
+            "--onsip.auth-jid",
+            flags.auth_jid.as_deref().expect("auth jid"),
+            "--onsip.pubsub-jid",
+            flags.pubsub_jid.as_deref().expect("pubsub jid"),
+            "--onsip.sip-address",
+            ADDRESSES[0],
+            "--state.file",
+            state.to_str().expect("utf-8 path"),
+        ])
+        .env("ONSIP_AUTH_PASSWORD", common::world::WEB_PASSWORD)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the exporter binary");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    eventually(DEADLINE, "binary serving with onsip_up 1", || async move {
+        if !common::wait::port_accepts(addr) {
+            return None;
+        }
+        (scrape(addr).await.get("onsip_up") == Some(&1.0)).then_some(())
+    })
+    .await;
+    register(
+        &world,
+        ADDRESSES[0],
+        "p1",
+        Utc::now() + chrono::Duration::hours(1),
+    );
+    wait_metric(
+        addr,
+        &series("onsip_user_agent_devices", ADDRESSES[0]),
+        1.0,
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(world.our_subscriptions(), 1);
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    let exit = common::wait::eventually_blocking(DEADLINE, "exporter exits after SIGTERM", || {
+        child.try_wait().ok().flatten()
+    });
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(exit.success(), "exit status {exit:?}\n{stderr}");
+    assert_eq!(
+        world.our_subscriptions(),
+        0,
+        "unsubscribed before exit\n{stderr}"
+    );
+    let saved = std::fs::read_to_string(&state).expect("state file written");
+    assert!(saved.contains("\"id\":\"p1\""), "{saved}");
+    assert!(!stderr.contains(XMPP_PASSWORD) && !stderr.contains(common::world::WEB_PASSWORD));
+}
