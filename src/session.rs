@@ -747,6 +747,15 @@ impl Workflow {
         let full = self.full_jid.to_string();
         let pubsub = self.config.onsip.pubsub_jid.clone();
         for _ in 0..=MAX_REDIRECTS {
+            // Say which name the service will use before asking, so a notice
+            // that overtakes the reply is matched to this node.
+            {
+                let mut state = lock(&self.shared);
+                if let Some(status) = state.session.node_mut(node) {
+                    status.state = NodeState::Pending;
+                    status.target = (target != node).then(|| target.clone());
+                }
+            }
             let reply = self
                 .requester
                 .request(

@@ -582,10 +582,16 @@ impl State {
         outcome
     }
 
-    /// The configured node a subscription notice is about: by name, or, when
-    /// the service renamed it (a redirect), the only node still pending.
+    /// The configured node a subscription notice is about: by name (ours or
+    /// the one a redirect gave it), or, when the notice names none, the only
+    /// node still pending.
     fn subscription_target(&mut self, node: Option<&str>) -> Option<&mut NodeStatus> {
-        let by_name = node.and_then(|n| self.session.nodes.iter().position(|s| s.node == n));
+        let by_name = node.and_then(|n| {
+            self.session
+                .nodes
+                .iter()
+                .position(|s| s.node == n || s.target.as_deref() == Some(n))
+        });
         let index = by_name.or_else(|| {
             let mut pending = self
                 .session

@@ -130,6 +130,8 @@ pub struct NodeStatus {
     pub node: String,
     pub state: NodeState,
     pub subid: Option<String>,
+    /// The node name the service uses for it, when a redirect renamed it.
+    pub target: Option<String>,
     /// When the subscription expires, Unix seconds.
     pub expiry: Option<i64>,
 }
@@ -189,6 +191,7 @@ impl SessionStatus {
                     node: node.clone(),
                     state: NodeState::Unsubscribed,
                     subid: None,
+                    target: None,
                     expiry: None,
                 })
                 .collect(),

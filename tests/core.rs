@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use chrono::Utc;
 use common::exporter::{self, scrape, wait_metric};
 use common::wait::{eventually, find_binary};
@@ -206,4 +205,80 @@ async fn promtool_accepts_a_real_scrape() {
         String::from_utf8_lossy(&out.stderr)
     );
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_xep0060_direct_subscribed_reply() {
+    // A generic XEP-0060 service answers `subscribed` in the iq result, with
+    // no notice message after it.
+    let world = common::world::world_with(|c| c.direct_subscribed = true).await;
+    let running = world.exporter(world.flags(), XMPP_PASSWORD).await;
+    wait_metric(running.addr, "onsip_up", 1.0, DEADLINE).await;
+    let m = scrape(running.addr).await;
+    assert_eq!(
+        m.get("onsip_pubsub_events_total{kind=\"subscription\"}"),
+        Some(&0.0)
+    );
+    world.sim.register_phone(
+        ADDRESSES[1],
+        "b",
+        "sip:bob@192.0.2.3",
+        "sip:198.51.100.3:5060",
+        "Fanvil X4U 2.12.14",
+        Utc::now() + chrono::Duration::hours(1),
+    );
+    wait_metric(
+        running.addr,
+        &series("onsip_user_agent_devices", ADDRESSES[1]),
+        1.0,
+        DEADLINE,
+    )
+    .await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_node_is_followed() {
+    // Subscribing to "/" is redirected to "/me/<jid>" with an XEP-0060
+    // redirect error; the exporter follows it and keeps the configured name.
+    let world = common::world::world_with(|c| c.redirect = onsip_sim::RedirectStyle::Error).await;
+    let flags = onsip_ua_exporter::config::Flags {
+        nodes: vec!["/".into()],
+        ..world.flags()
+    };
+    let running = world.exporter(flags, XMPP_PASSWORD).await;
+    wait_metric(
+        running.addr,
+        "onsip_subscription_state{node=\"/\",state=\"subscribed\"}",
+        1.0,
+        DEADLINE,
+    )
+    .await;
+    let subs = world.sim.subscriptions();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(
+        subs[0].node,
+        format!("/me/{}", world.prosody.jid("exporter"))
+    );
+    world.sim.register_phone(
+        ADDRESSES[0],
+        "a",
+        "sip:alice@192.0.2.3",
+        "sip:198.51.100.3:5060",
+        "Fanvil X4U 2.12.14",
+        Utc::now() + chrono::Duration::hours(1),
+    );
+    wait_metric(
+        running.addr,
+        &alice("onsip_user_agent_devices"),
+        1.0,
+        DEADLINE,
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(
+        world.our_subscriptions(),
+        0,
+        "unsubscribed from the redirected node"
+    );
 }
