@@ -33,7 +33,7 @@ REQUIRED_TOOLS=(cargo rustfmt prosody prosodyctl prometheus promtool prometheus-
     kubernetes-validate node npm python3)
 
 # The built-in steps, in order. Each NAME runs the function step_NAME.
-STEPS=(fmt clippy test)
+STEPS=(fmt clippy test deploy)
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 die() {
@@ -167,6 +167,13 @@ step_clippy() {
 
 step_test() {
     cargo test --workspace
+}
+
+# Kubernetes manifests, generated PrometheusRule/ConfigMaps in step with alerts/ and dashboards/,
+# and the manifests' flags checked against the binary the test step just built.
+step_deploy() {
+    cargo build --bin onsip-ua-exporter
+    ONSIP_UA_EXPORTER_BIN="$REPO_ROOT/target/debug/onsip-ua-exporter" bash deploy/check.sh
 }
 
 # ---------------------------------------------------------------------------------------------
