@@ -14,7 +14,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,9 +22,12 @@ use std::time::{Duration, Instant};
 
 use common::prometheus::Prometheus;
 use common::promql::{
-    alert_rules, dashboard_files, dashboard_panels, dashboard_queries, dashboard_queries_as_opened,
-    files_with_suffix, instant_query, parse_all, query_returns_data, read_dashboard, repo_path,
-    rewrite_rule_durations, rule_exprs, rule_files, substitute_grafana_vars,
+    alert_rules, dashboard_files, dashboard_panels, dashboard_queries, files_with_suffix,
+    instant_query, parse_all, query_returns_data, read_dashboard, repo_path, rule_exprs,
+    substitute_grafana_vars,
+};
+use common::promql::{
+    all_rule_files, grafana_vars, substituted_dashboard_queries, write_shortened_rules, JOB,
 };
 use common::wait::find_binary;
 
@@ -34,7 +36,6 @@ const RUNBOOK_BASE: &str =
     "https://github.com/onsip-ua-exporter/onsip-ua-exporter/blob/main/runbooks/";
 
 /// The scrape job name the rules expect (OnsipExporterDown/OnsipExporterAbsent).
-const JOB: &str = "onsip-ua-exporter";
 
 /// Runs a command that must succeed; returns (stdout, stdout + stderr).
 fn run_split(cmd: &mut Command) -> (String, String) {
@@ -57,38 +58,11 @@ fn run(cmd: &mut Command) -> String {
     run_split(cmd).1
 }
 
-fn all_rule_files() -> Vec<PathBuf> {
-    let files = rule_files(&repo_path("alerts"));
-    assert!(!files.is_empty(), "no alerts/*.rules.yml");
-    files
-}
-
 fn all_alerts() -> Vec<common::promql::AlertRule> {
     all_rule_files()
         .iter()
         .flat_map(|f| alert_rules(f))
         .collect()
-}
-
-/// Values for the dashboards' variables, as a user would pick them.
-fn grafana_vars(instance: &str) -> Vec<(&str, String)> {
-    vec![
-        ("datasource", "prometheus".to_string()),
-        ("job", JOB.to_string()),
-        ("instance", instance.to_string()),
-        ("domain", "example.com".to_string()),
-        ("user", "alice".to_string()),
-    ]
-}
-
-/// Every dashboard query as the dashboard shows it when opened ("All" where offered), with
-/// `grafana_vars` for the single-select variables.
-fn substituted_dashboard_queries(instance: &str) -> Vec<(String, String)> {
-    let vars = grafana_vars(instance);
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let queries = dashboard_queries_as_opened(&repo_path("dashboards"), &vars);
-    assert!(queries.len() > 20, "too few dashboard queries: {queries:?}");
-    queries
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -349,8 +323,8 @@ fn every_rule_expression_parses() {
 
 #[test]
 fn every_dashboard_query_parses_with_variables_substituted() {
-    let mut queries = substituted_dashboard_queries("exporter:8080");
-    let vars = grafana_vars("exporter:8080");
+    let mut queries = substituted_dashboard_queries("exporter:8080", "example.com", "alice");
+    let vars = grafana_vars("exporter:8080", "example.com", "alice");
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     queries.extend(
         dashboard_queries(&repo_path("dashboards"))
@@ -604,19 +578,6 @@ fn wait_for(what: &str, deadline: Duration, mut ok: impl FnMut() -> Option<Strin
     }
 }
 
-fn write_shortened_rules(dir: &Path) -> Vec<PathBuf> {
-    // W (settle) 10m -> 3s and M (offline) 10m -> 2s; the domain alert's 5m -> 2s.
-    let mut out = Vec::new();
-    for file in all_rule_files() {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let text = rewrite_rule_durations(&text, &[("10m", "3s"), ("5m", "2s")]);
-        let dst = dir.join(file.file_name().unwrap());
-        std::fs::write(&dst, text).unwrap();
-        out.push(dst);
-    }
-    out
-}
-
 /// The fixture with its "recent" timestamps (last event, process start) moved to now, as a
 /// running exporter would show them.
 fn fresh_fixture() -> String {
@@ -674,7 +635,7 @@ fn queries_and_rules_work_against_prometheus_scraping_the_fixture() {
     // Every dashboard query returns data.
     let instance = server.addr.to_string();
     let mut problems = Vec::new();
-    for (title, expr) in substituted_dashboard_queries(&instance) {
+    for (title, expr) in substituted_dashboard_queries(&instance, "example.com", "alice") {
         match query_returns_data(&url, &expr) {
             Ok(true) => {}
             Ok(false) => problems.push(format!("{title}: no data\n    {expr}")),

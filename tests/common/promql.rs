@@ -517,3 +517,56 @@ pub fn instant_query(prom_url: &str, expr: &str) -> Result<Value, String> {
     }
     Ok(answer)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the fixture test and the live test
+// ---------------------------------------------------------------------------------------------
+
+/// The scrape job name the rules and dashboards expect.
+pub const JOB: &str = "onsip-ua-exporter";
+
+/// Every `alerts/*.rules.yml`.
+pub fn all_rule_files() -> Vec<PathBuf> {
+    let files = rule_files(&repo_path("alerts"));
+    assert!(!files.is_empty(), "no alerts/*.rules.yml");
+    files
+}
+
+/// Values for the dashboards' variables, as a user would pick them.
+pub fn grafana_vars(instance: &str, domain: &str, user: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("datasource", "prometheus".to_string()),
+        ("job", JOB.to_string()),
+        ("instance", instance.to_string()),
+        ("domain", domain.to_string()),
+        ("user", user.to_string()),
+    ]
+}
+
+/// Every dashboard query as the dashboard shows it when opened ("All" where offered), with
+/// `grafana_vars` for the single-select variables.
+pub fn substituted_dashboard_queries(
+    instance: &str,
+    domain: &str,
+    user: &str,
+) -> Vec<(String, String)> {
+    let vars = grafana_vars(instance, domain, user);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let queries = dashboard_queries_as_opened(&repo_path("dashboards"), &vars);
+    assert!(queries.len() > 20, "too few dashboard queries: {queries:?}");
+    queries
+}
+
+/// Copies the rule files into `dir` with the settle time W (10m) shortened to 3s and the
+/// offline/outage `for`s (10m, 5m) to 2s, so a test sees alerts go pending in seconds.
+pub fn write_shortened_rules(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for file in all_rule_files() {
+        let text = std::fs::read_to_string(&file).expect("read rule file");
+        let text = rewrite_rule_durations(&text, &[("10m", "3s"), ("5m", "2s")]);
+        let dst = dir.join(file.file_name().expect("file name"));
+        std::fs::write(&dst, text).expect("write rule file");
+        out.push(dst);
+    }
+    out
+}
