@@ -615,8 +615,17 @@ impl Workflow {
                 state.session.authorized = true;
                 state.session.authorization_expiry = auth.expires;
                 state.session.authorized_addresses = auth.addresses.len();
-                let watched: Vec<SipAddress> =
-                    auth.addresses.iter().chain(&onsip.watch).cloned().collect();
+                // Only the authorized addresses our nodes cover: a shard
+                // subscribed to one domain must not export (and alert on)
+                // zeros for the domains other shards watch.
+                let scopes: Vec<NodeScope> = onsip.nodes.iter().map(|n| NodeScope::of(n)).collect();
+                let watched: Vec<SipAddress> = auth
+                    .addresses
+                    .iter()
+                    .filter(|a| scopes.iter().any(|s| s.covers(a)))
+                    .chain(&onsip.watch)
+                    .cloned()
+                    .collect();
                 state.fleet.set_watched(&watched);
                 drop(state);
                 if first {

@@ -282,3 +282,24 @@ async fn redirected_node_is_followed() {
         "unsubscribed from the redirected node"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_exports_only_the_addresses_its_nodes_cover() {
+    // Subscribed to alice's leaf node only: bob is authorized too, but a
+    // shard must not export (and page on) zeros for addresses it does not watch.
+    let world = common::world::world().await;
+    let flags = onsip_ua_exporter::config::Flags {
+        nodes: vec!["/acme.example/alice".into()],
+        ..world.flags()
+    };
+    let running = world.exporter(flags, XMPP_PASSWORD).await;
+    wait_metric(running.addr, "onsip_up", 1.0, DEADLINE).await;
+    let m = scrape(running.addr).await;
+    assert_eq!(m.get(&alice("onsip_user_agent_devices")), Some(&0.0));
+    assert_eq!(
+        m.get(&series("onsip_user_agent_devices", ADDRESSES[1])),
+        None
+    );
+    assert_eq!(m.get("onsip_authorized_addresses"), Some(&2.0));
+    running.stop().await;
+}
