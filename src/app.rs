@@ -74,6 +74,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Exporter
         telemetry_path: config.telemetry_path.clone(),
         version: BUILD.version,
         ready: AtomicBool::new(true),
+        web: http::WebSecurity::new(config.web_config.clone()),
     });
     info!(address = %local_addr, telemetry_path = %config.telemetry_path, "serving HTTP");
 

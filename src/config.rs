@@ -122,6 +122,9 @@ pub struct Flags {
     /// Path under which to expose metrics [default: /metrics].
     #[arg(long = "web.telemetry-path", env = "ONSIP_WEB_TELEMETRY_PATH")]
     pub telemetry_path: Option<String>,
+    /// Web configuration file in Prometheus exporter-toolkit format: TLS, basic auth, response headers.
+    #[arg(long = "web.config.file", env = "ONSIP_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<PathBuf>,
 
     /// XMPP account, e.g. alice@example.onsip.com.
     #[arg(long = "xmpp.jid", env = "ONSIP_XMPP_JID")]
@@ -363,6 +366,8 @@ pub struct OnsipConfig {
 pub struct Config {
     pub listen_address: SocketAddr,
     pub telemetry_path: String,
+    /// `--web.config.file`, read and checked (certificates included).
+    pub web_config: Option<crate::web_config::WebConfig>,
     pub xmpp: XmppConfig,
     pub onsip: OnsipConfig,
     pub per_address_metrics: bool,
@@ -475,6 +480,14 @@ impl Config {
                 format!("{telemetry_path:?} must start with / and not be / (the status page)"),
             ));
         }
+
+        let web_config = match &flags.web_config_file {
+            Some(path) => Some(
+                crate::web_config::WebConfig::load(path)
+                    .map_err(|e| invalid("--web.config.file", e.to_string()))?,
+            ),
+            None => None,
+        };
 
         let jid_text = flags.jid.clone().or(file.xmpp.jid.clone()).ok_or_else(|| {
             invalid(
@@ -720,6 +733,7 @@ impl Config {
         Ok(Self {
             listen_address,
             telemetry_path,
+            web_config,
             xmpp: XmppConfig {
                 jid,
                 resource,
@@ -899,6 +913,64 @@ mod tests {
         let err =
             serde_yaml::from_str::<FileConfig>("onsip:\n  nodez: [/a]\n").expect_err("unknown key");
         assert!(err.to_string().contains("unknown field `nodez`"), "{err}");
+    }
+
+    #[test]
+    fn web_config_file_is_loaded_and_errors_name_the_flag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("web.yml");
+        let hash = bcrypt::hash("pw", 4).expect("hash");
+        std::fs::write(&path, format!("basic_auth_users:\n  prom: '{hash}'\n")).expect("write");
+        let with = |path: PathBuf| Flags {
+            web_config_file: Some(path),
+            ..flags()
+        };
+        let config = Config::resolve(
+            &with(path.clone()),
+            &FileConfig::default(),
+            &env_with_password(),
+        )
+        .expect("valid");
+        let web = config.web_config.expect("web config");
+        assert_eq!(web.users.len(), 1);
+        assert!(web.tls.is_none());
+        let no_web =
+            Config::resolve(&flags(), &FileConfig::default(), &env_with_password()).expect("valid");
+        assert!(no_web.web_config.is_none());
+
+        std::fs::write(
+            &path,
+            "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
+        )
+        .expect("write");
+        let err = Config::resolve(
+            &with(path.clone()),
+            &FileConfig::default(),
+            &env_with_password(),
+        )
+        .expect_err("missing certificate");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "--web.config.file: {}: tls_server_config.cert_file: cannot read {}: No such file or directory (os error 2)",
+                path.display(),
+                dir.path().join("missing.crt").display()
+            )
+        );
+        let missing = dir.path().join("nope.yml");
+        let err = Config::resolve(
+            &with(missing.clone()),
+            &FileConfig::default(),
+            &env_with_password(),
+        )
+        .expect_err("missing file");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "--web.config.file: {}: cannot read: ",
+                missing.display()
+            )),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! - [`xmpp`]: opening a link (TCP, STARTTLS, SASL, bind, presence).
 //! - [`session`]: the OnSIP procedure over a link, reconnects, keepalive.
 //! - [`metrics`] and [`process`]: `/metrics` encoded from the state at scrape time.
-//! - [`http`]: the hyper server.
+//! - [`http`]: the hyper server; [`web_config`]: its TLS, basic auth and
+//!   headers (`--web.config.file`, exporter-toolkit format).
 //! - [`app`]: wiring and orderly shutdown; [`telemetry`]: logging;
 //!   [`demo`]: the simulator and the exporter together, for a first look.
 //!
@@ -38,4 +39,5 @@ pub mod stanza;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+pub mod web_config;
 pub mod xmpp;
