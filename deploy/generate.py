@@ -132,7 +132,7 @@ def prometheus_rule(root: Path) -> str:
         "",
         "Needs the Prometheus Operator. kube-prometheus-stack's Prometheus by default only",
         "loads PrometheusRules labelled `release: <its Helm release name>`: see",
-        "docs/kubernetes.md.",
+        "the README, 'Running on Kubernetes'.",
     ]
     return _render(header, [obj])
 
@@ -200,7 +200,7 @@ def dashboard_configmaps(root: Path) -> str:
         "One ConfigMap per dashboard, for Grafana's dashboard sidecar (label",
         'grafana_dashboard: "1"; folder from the grafana_folder annotation when the sidecar',
         "has folderAnnotation: grafana_folder). The sidecar watches its own namespace",
-        "unless told otherwise: see docs/kubernetes.md.",
+        "unless told otherwise: see the README, 'Running on Kubernetes'.",
     ]
     return _render(header, objects) if objects else _header(header)
 
