@@ -35,8 +35,6 @@ use common::wait::find_binary;
 const RUNBOOK_BASE: &str =
     "https://github.com/onsip-ua-exporter/onsip-ua-exporter/blob/main/runbooks/";
 
-/// The scrape job name the rules expect (OnsipExporterDown/OnsipExporterAbsent).
-
 /// Runs a command that must succeed; returns (stdout, stdout + stderr).
 fn run_split(cmd: &mut Command) -> (String, String) {
     let shown = format!("{cmd:?}");
