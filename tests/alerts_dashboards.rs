@@ -27,7 +27,8 @@ use common::promql::{
     substitute_grafana_vars,
 };
 use common::promql::{
-    all_rule_files, grafana_vars, substituted_dashboard_queries, write_shortened_rules, JOB,
+    all_rule_files, grafana_vars, queries_and_rules_problems, substituted_dashboard_queries,
+    write_shortened_rules, JOB,
 };
 use common::wait::find_binary;
 
@@ -630,24 +631,9 @@ fn queries_and_rules_work_against_prometheus_scraping_the_fixture() {
         },
     );
 
-    // Every dashboard query returns data.
+    // Every dashboard query returns data; every rule expression evaluates.
     let instance = server.addr.to_string();
-    let mut problems = Vec::new();
-    for (title, expr) in substituted_dashboard_queries(&instance, "example.com", "alice") {
-        match query_returns_data(&url, &expr) {
-            Ok(true) => {}
-            Ok(false) => problems.push(format!("{title}: no data\n    {expr}")),
-            Err(e) => problems.push(format!("{title}: {e}")),
-        }
-    }
-    // Every rule expression evaluates without error.
-    for file in all_rule_files() {
-        for (name, expr) in rule_exprs(&file) {
-            if let Err(e) = query_returns_data(&url, &expr) {
-                problems.push(format!("rule {name}: {e}"));
-            }
-        }
-    }
+    let problems = queries_and_rules_problems(&url, &instance, "example.com", "alice");
     assert!(
         problems.is_empty(),
         "against the fixture:\n{}",

@@ -11,10 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::exporter::wait_metric;
 use common::prometheus::Prometheus;
-use common::promql::{
-    all_rule_files, query_returns_data, rule_exprs, substituted_dashboard_queries,
-    write_shortened_rules, JOB,
-};
+use common::promql::{queries_and_rules_problems, query_returns_data, write_shortened_rules, JOB};
 use common::wait::eventually_blocking;
 use common::world::{series, world, ADDRESSES, DEADLINE, XMPP_PASSWORD};
 
@@ -94,27 +91,10 @@ async fn dashboards_and_alerts_against_the_live_exporter() {
             },
         );
 
-        let mut problems = Vec::new();
         // The fleet and exporter dashboards as opened, and the address
         // dashboard for bob (alice has no device, so her expiry panel is
-        // rightly empty).
-        let instance = addr.to_string();
-        for user in ["bob"] {
-            for (title, expr) in substituted_dashboard_queries(&instance, "acme.example", user) {
-                match query_returns_data(&url, &expr) {
-                    Ok(true) => {}
-                    Ok(false) => problems.push(format!("{title}: no data\n    {expr}")),
-                    Err(e) => problems.push(format!("{title}: {e}")),
-                }
-            }
-        }
-        for file in all_rule_files() {
-            for (name, expr) in rule_exprs(&file) {
-                if let Err(e) = query_returns_data(&url, &expr) {
-                    problems.push(format!("rule {name}: {e}"));
-                }
-            }
-        }
+        // rightly empty); every rule expression.
+        let problems = queries_and_rules_problems(&url, &addr.to_string(), "acme.example", "bob");
         assert!(
             problems.is_empty(),
             "against the live exporter:\n{}",

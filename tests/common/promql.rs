@@ -570,3 +570,30 @@ pub fn write_shortened_rules(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Runs every dashboard query (variables substituted for `domain`/`user`) and every rule
+/// expression against the Prometheus at `url`; returns one line per query with no data and
+/// per expression that fails to evaluate.
+pub fn queries_and_rules_problems(
+    url: &str,
+    instance: &str,
+    domain: &str,
+    user: &str,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (title, expr) in substituted_dashboard_queries(instance, domain, user) {
+        match query_returns_data(url, &expr) {
+            Ok(true) => {}
+            Ok(false) => problems.push(format!("{title}: no data\n    {expr}")),
+            Err(e) => problems.push(format!("{title}: {e}")),
+        }
+    }
+    for file in all_rule_files() {
+        for (name, expr) in rule_exprs(&file) {
+            if let Err(e) = query_returns_data(url, &expr) {
+                problems.push(format!("rule {name}: {e}"));
+            }
+        }
+    }
+    problems
+}
