@@ -33,7 +33,7 @@ REQUIRED_TOOLS=(cargo rustfmt prosody prosodyctl prometheus promtool prometheus-
     kubernetes-validate node npm python3)
 
 # The built-in steps, in order. Each NAME runs the function step_NAME.
-STEPS=(fmt clippy test deploy)
+STEPS=(fmt clippy test deploy fuzz)
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 die() {
@@ -171,6 +171,11 @@ step_test() {
 
 # Kubernetes manifests, generated PrometheusRule/ConfigMaps in step with alerts/ and dashboards/,
 # and the manifests' flags checked against the binary the test step just built.
+# The stanza fuzz target for a bounded time (FUZZ_SECONDS, 30 by default); any crash fails.
+step_fuzz() {
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
+}
+
 step_deploy() {
     cargo build --bin onsip-ua-exporter
     ONSIP_UA_EXPORTER_BIN="$REPO_ROOT/target/debug/onsip-ua-exporter" bash deploy/check.sh

@@ -14,7 +14,8 @@
 //! - [`persist`]: the state file format, capture/restore, atomic writes.
 //!
 //! I/O edges:
-//! - [`xmpp`]: opening a link (TCP, STARTTLS, SASL, bind, presence).
+//! - [`xmpp`]: opening a link (TCP, STARTTLS, SASL, bind, presence);
+//!   [`xml_guard`]: size and depth limits on what the server sends.
 //! - [`session`]: the OnSIP procedure over a link, reconnects, keepalive.
 //! - [`metrics`] and [`process`]: `/metrics` encoded from the state at scrape time.
 //! - [`http`]: the hyper server; [`web_config`]: its TLS, basic auth and
@@ -40,4 +41,5 @@ pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod web_config;
+pub mod xml_guard;
 pub mod xmpp;

@@ -148,8 +148,20 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, crate::state::State> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Work the pump does on a reply the moment it arrives, in stream order
+/// with the events around it (see `Workflow::resync`).
+type ReplyHook = Box<dyn FnOnce(&IqReply, &Shared) + Send>;
+
+/// One request waiting for its reply.
+struct Waiter {
+    /// The JID the request went to: a reply from anyone else is not it.
+    from: Jid,
+    reply: oneshot::Sender<IqReply>,
+    hook: Option<ReplyHook>,
+}
+
 /// Waiters for iq replies, by stanza id.
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<IqReply>>>>;
+type Pending = Arc<Mutex<HashMap<String, Waiter>>>;
 
 /// An iq reply: the payload of a result, or the error.
 type IqReply = Result<Option<Element>, StanzaError>;
@@ -168,6 +180,8 @@ struct Requester {
     pending: Pending,
     timeout: Duration,
     next_id: Arc<AtomicU64>,
+    /// Random per link, so ids cannot be guessed to forge a reply.
+    id_prefix: u64,
 }
 
 /// Removes a waiter when its request ends, answered or not.
@@ -191,10 +205,33 @@ impl Requester {
         set: bool,
         payload: Element,
     ) -> Result<IqReply, RequestError> {
-        let id = format!("ouae-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.request_with_hook(to, set, payload, None).await
+    }
+
+    /// Like `request`, with `hook` run by the pump on the reply before any
+    /// later stanza is handled.
+    async fn request_with_hook(
+        &self,
+        to: &Jid,
+        set: bool,
+        payload: Element,
+        hook: Option<ReplyHook>,
+    ) -> Result<IqReply, RequestError> {
+        let id = format!(
+            "ouae-{:016x}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
         let (tx, rx) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(id.clone(), tx);
+            pending.insert(
+                id.clone(),
+                Waiter {
+                    from: to.clone(),
+                    reply: tx,
+                    hook,
+                },
+            );
         }
         let _guard = PendingGuard {
             pending: &self.pending,
@@ -243,6 +280,7 @@ async fn run_link(
         pending: pending.clone(),
         timeout: config.xmpp.timeout,
         next_id: Arc::default(),
+        id_prefix: rand::random(),
     };
     let pump = Pump {
         config: config.clone(),
@@ -389,12 +427,16 @@ impl Pump {
     /// Handles one stanza; returns a reply to send, if any.
     fn handle(&mut self, stanza: Stanza, events: &mut Vec<PubsubEvent>) -> Option<Stanza> {
         match stanza {
-            Stanza::Iq(Iq::Result { id, payload, .. }) => {
-                self.complete(&id, Ok(payload));
+            Stanza::Iq(Iq::Result {
+                from, id, payload, ..
+            }) => {
+                self.complete(from.as_ref(), &id, Ok(payload));
                 None
             }
-            Stanza::Iq(Iq::Error { id, error, .. }) => {
-                self.complete(&id, Err(error));
+            Stanza::Iq(Iq::Error {
+                from, id, error, ..
+            }) => {
+                self.complete(from.as_ref(), &id, Err(error));
                 None
             }
             Stanza::Iq(Iq::Get {
@@ -427,10 +469,26 @@ impl Pump {
         }
     }
 
-    fn complete(&self, id: &str, reply: IqReply) {
-        let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(id));
+    /// Hands a reply to its waiter, if it comes from where the request went
+    /// (a reply with a matching id from anyone else is a forgery: dropped).
+    fn complete(&self, from: Option<&Jid>, id: &str, reply: IqReply) {
+        let waiter = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut pending| match pending.get(id) {
+                Some(waiter) if Some(&waiter.from) == from => pending.remove(id),
+                Some(_) => {
+                    debug!(id, from = ?from, "iq reply from the wrong sender dropped");
+                    None
+                }
+                None => None,
+            });
         if let Some(waiter) = waiter {
-            let _ = waiter.send(reply);
+            if let Some(hook) = waiter.hook {
+                hook(&reply, &self.shared);
+            }
+            let _ = waiter.reply.send(reply);
         }
     }
 
@@ -869,34 +927,45 @@ impl Workflow {
     /// not serve it, keeps the last-known state and says so.
     async fn resync(&mut self) {
         let pubsub = self.config.onsip.pubsub_jid.clone();
-        let mut items = Vec::new();
-        let mut scopes = Vec::new();
+        lock(&self.shared).session.resync = Resync::NotYet;
         for node in &self.config.onsip.nodes {
             let target = self
                 .effective_nodes
                 .get(node)
                 .map_or_else(|| node.clone(), |(n, _)| n.clone());
-            let reply = self
-                .requester
-                .request(&pubsub, false, stanza::items_request(&target))
-                .await;
-            let reason = match reply {
-                Ok(Ok(payload)) => {
-                    let mut events = Vec::new();
-                    stanza::parse_items_reply(payload.as_ref(), &mut events);
-                    for event in events {
-                        if let PubsubEvent::Publish {
+            // The reply is applied by the pump as it arrives, so an event
+            // that follows it on the stream is applied after it, never undone.
+            let scope = NodeScope::of(&target);
+            let hook: ReplyHook = Box::new(move |reply, shared| {
+                let Ok(payload) = reply else { return };
+                let mut events = Vec::new();
+                stanza::parse_items_reply(payload.as_ref(), &mut events);
+                let items: Vec<_> = events
+                    .into_iter()
+                    .filter_map(|event| match event {
+                        PubsubEvent::Publish {
                             address,
                             item_id,
                             registration,
-                        } = event
-                        {
-                            items.push((address, item_id, registration));
-                        }
-                    }
-                    scopes.push(NodeScope::of(&target));
-                    continue;
-                }
+                        } => Some((address, item_id, registration)),
+                        _ => None,
+                    })
+                    .collect();
+                let now = unix_now();
+                let mut state = lock(shared);
+                state.fleet.resync(|a| scope.covers(a), &items, now);
+                let devices = match state.session.resync {
+                    Resync::Items { devices, .. } => devices + items.len(),
+                    _ => items.len(),
+                };
+                state.session.resync = Resync::Items { at: now, devices };
+            });
+            let reply = self
+                .requester
+                .request_with_hook(&pubsub, false, stanza::items_request(&target), Some(hook))
+                .await;
+            let reason = match reply {
+                Ok(Ok(_)) => continue,
                 Ok(Err(error)) => describe(&error),
                 Err(RequestError::Timeout) => "no reply in time".to_owned(),
                 Err(RequestError::LinkGone) => "link lost".to_owned(),
@@ -908,17 +977,9 @@ impl Workflow {
             lock(&self.shared).session.resync = Resync::FromEvents { reason };
             return;
         }
-        let now = unix_now();
-        let mut state = lock(&self.shared);
-        state
-            .fleet
-            .resync(|a| scopes.iter().any(|s| s.covers(a)), &items, now);
-        state.session.resync = Resync::Items {
-            at: now,
-            devices: items.len(),
-        };
-        drop(state);
-        info!(devices = items.len(), "state loaded by items retrieval");
+        if let Resync::Items { devices, .. } = lock(&self.shared).session.resync {
+            info!(devices, "state loaded by items retrieval");
+        }
     }
 
     /// Ends every subscription of ours (on shutdown).

@@ -223,6 +223,12 @@ fn parse_items(items: &Element, out: &mut Vec<PubsubEvent>) {
                 continue;
             }
         };
+        // Match by name *and* namespace: `<retract xmlns='urn:other'/>` is
+        // not a retract.
+        if !child.has_ns(ns::PUBSUB_EVENT) {
+            out.push(PubsubEvent::Ignored);
+            continue;
+        }
         out.push(match child.name() {
             "item" => parse_item(address, child),
             "retract" => match child.attr("id") {
@@ -266,7 +272,7 @@ pub fn parse_user_agent(user_agent: &Element) -> Registration {
     let text = |name: &str| {
         user_agent
             .get_child(name, ns::USER_AGENTS)
-            .map(|child| child.text().trim().to_owned())
+            .map(|child| truncated(child.text().trim()))
             .unwrap_or_default()
     };
     Registration {
@@ -274,6 +280,17 @@ pub fn parse_user_agent(user_agent: &Element) -> Registration {
         received: text("received"),
         device: text("device"),
         expires: parse_timestamp(&text("expires")),
+    }
+}
+
+/// Longest text kept from a payload field. The User-Agent string becomes a
+/// label value: a hostile 200 kB one must not bloat every scrape.
+pub const MAX_FIELD_CHARS: usize = 128;
+
+fn truncated(text: &str) -> String {
+    match text.char_indices().nth(MAX_FIELD_CHARS) {
+        Some((end, _)) => text[..end].to_owned(),
+        None => text.to_owned(),
     }
 }
 
@@ -374,6 +391,8 @@ pub struct Authorization {
     pub expires: Option<i64>,
     /// Every SIP address the JID may now watch.
     pub addresses: Vec<SipAddress>,
+    /// `sip` values that were not SIP addresses.
+    pub skipped: usize,
 }
 
 /// Reads the `<command>` of an authorize reply. A `note type='error'` is a
@@ -382,7 +401,7 @@ pub fn parse_authorize_reply(command: &Element) -> Result<Authorization, String>
     if !command.is("command", ns::COMMANDS) {
         return Err(format!("reply is <{}>, not a command", command.name()));
     }
-    for note in command.children().filter(|c| c.name() == "note") {
+    for note in command.children().filter(|c| c.is("note", ns::COMMANDS)) {
         if note.attr("type") == Some("error") {
             return Err(note.text());
         }
@@ -390,16 +409,19 @@ pub fn parse_authorize_reply(command: &Element) -> Result<Authorization, String>
     let mut auth = Authorization {
         expires: None,
         addresses: Vec::new(),
+        skipped: 0,
     };
     if let Some(form) = command.get_child("x", ns::DATA_FORMS) {
-        for field in form.children().filter(|c| c.name() == "field") {
-            for value in field.children().filter(|c| c.name() == "value") {
+        for field in form.children().filter(|c| c.is("field", ns::DATA_FORMS)) {
+            for value in field.children().filter(|c| c.is("value", ns::DATA_FORMS)) {
                 let value = value.text();
                 match field.attr("var") {
                     Some("expires") => auth.expires = parse_timestamp(value.trim()),
+                    // One unreadable address must not cost the others their
+                    // authorization: it is skipped and counted.
                     Some("sip") => match SipAddress::parse(&value) {
                         Ok(address) => auth.addresses.push(address),
-                        Err(err) => return Err(err.to_string()),
+                        Err(_) => auth.skipped += 1,
                     },
                     _ => {}
                 }
@@ -518,7 +540,7 @@ pub fn parse_subscriptions_reply(
     let node = subscriptions.attr("node");
     subscriptions
         .children()
-        .filter(|c| c.name() == "subscription")
+        .filter(|c| c.is("subscription", ns::PUBSUB))
         .map(|c| {
             parse_subscription(c).map(|mut info| {
                 if info.node.is_none() {
@@ -534,7 +556,7 @@ pub fn parse_subscriptions_reply(
 /// leaf under a collection node) into publish events.
 pub fn parse_items_reply(payload: Option<&Element>, out: &mut Vec<PubsubEvent>) {
     let Some(pubsub) = payload else { return };
-    for items in pubsub.children().filter(|c| c.name() == "items") {
+    for items in pubsub.children().filter(|c| c.is("items", ns::PUBSUB)) {
         let address = match items.attr("node").map(SipAddress::from_leaf_node) {
             Some(Ok(address)) => address,
             Some(Err(err)) => {
@@ -549,7 +571,7 @@ pub fn parse_items_reply(payload: Option<&Element>, out: &mut Vec<PubsubEvent>) 
                 continue;
             }
         };
-        for item in items.children().filter(|c| c.name() == "item") {
+        for item in items.children().filter(|c| c.is("item", ns::PUBSUB)) {
             out.push(parse_item(address.clone(), item));
         }
     }

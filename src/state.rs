@@ -195,18 +195,22 @@ impl Fleet {
                 address,
                 item_id,
                 registration,
-            } => self.publish(address, item_id, registration, now),
+            } => self.publish(address, item_id, registration, now, true),
             PubsubEvent::Retract { address, item_id } => self.retract(address, item_id, now),
             _ => Applied::NotFleet,
         }
     }
 
+    /// Adds or updates a device. `republished` says whether OnSIP published
+    /// it again (a re-registration, counted as a refresh) or we merely read it
+    /// back (items retrieval, not counted).
     fn publish(
         &mut self,
         address: &SipAddress,
         item_id: &Arc<str>,
         registration: &Registration,
         now: f64,
+        republished: bool,
     ) -> Applied {
         let max_devices = self.limits.max_devices_per_address;
         let Some((state, user_agents)) = self.entry(address) else {
@@ -217,10 +221,17 @@ impl Fleet {
                 uncount_user_agent(user_agents, &device.user_agent);
                 device.user_agent = count_user_agent(user_agents, &registration.device);
             }
-            device.registration = registration.clone();
-            device.last_seen = now;
-            state.refreshes += 1;
-            self.generation += 1;
+            let changed = device.registration != *registration;
+            if changed {
+                device.registration = registration.clone();
+            }
+            if republished {
+                device.last_seen = now;
+                state.refreshes += 1;
+            }
+            if changed || republished {
+                self.generation += 1;
+            }
             return Applied::Refreshed;
         }
         if state.devices.len() >= max_devices {
@@ -388,7 +399,7 @@ impl Fleet {
             }
         }
         for (address, id, registration) in items {
-            self.publish(address, id, registration, now);
+            self.publish(address, id, registration, now, false);
         }
     }
 

@@ -33,6 +33,7 @@ use tokio_xmpp::Stanza;
 
 use crate::config::{Server, Transport, XmppConfig};
 use crate::status::ErrorKind;
+use crate::xml_guard::{Guarded, Limits as XmlLimits};
 
 /// The stream type after login, boxed so TLS and plaintext links share code.
 pub type Stream = XmppStream<Box<dyn AsyncReadAndWrite + Send + 'static>>;
@@ -151,7 +152,8 @@ pub async fn open(
 
     let pending: PendingFeaturesRecv<Box<dyn AsyncReadAndWrite + Send>> = match &config.transport {
         Transport::PlaintextForTests => {
-            let io: Box<dyn AsyncReadAndWrite + Send> = Box::new(BufStream::new(tcp));
+            let io: Box<dyn AsyncReadAndWrite + Send> =
+                Box::new(BufStream::new(Guarded::new(tcp, XmlLimits::default())));
             within(
                 step,
                 "stream header",
@@ -163,7 +165,8 @@ pub async fn open(
         Transport::StartTls { .. } => {
             let tls = tls.ok_or_else(|| fail(ErrorKind::Tls, "no TLS configuration"))?;
             let secured = within(step, "STARTTLS", starttls(tcp, &domain, tls, timeouts)).await??;
-            let io: Box<dyn AsyncReadAndWrite + Send> = Box::new(BufStream::new(secured));
+            let io: Box<dyn AsyncReadAndWrite + Send> =
+                Box::new(BufStream::new(Guarded::new(secured, XmlLimits::default())));
             within(
                 step,
                 "stream header",

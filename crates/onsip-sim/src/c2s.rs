@@ -27,7 +27,7 @@ use xmpp_parsers::bind::BindFeature;
 use xmpp_parsers::stream_error::{DefinedCondition, StreamError};
 use xmpp_parsers::stream_features::StreamFeatures;
 
-use crate::sim::Simulator;
+use crate::sim::{Outbound, Simulator};
 use crate::xml::{
     self, El, ErrorType, StanzaError, NS_BIND, NS_CLIENT, NS_DISCO_INFO, NS_PING, NS_ROSTER,
     NS_SASL, NS_SESSION,
@@ -332,7 +332,7 @@ async fn run(
     stream: &mut Stream,
     full: &str,
     bare: &str,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Element>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Outbound>,
     cancel: &CancellationToken,
     drop_rx: &mut tokio::sync::watch::Receiver<u64>,
 ) -> io::Result<()> {
@@ -347,8 +347,11 @@ async fn run(
                     return Ok(());
                 }
             }
-            Some(el) = rx.recv() => {
-                let res = stream.send(&el).await;
+            Some(out) = rx.recv() => {
+                let res = match out {
+                    Outbound::Stanza(el) => stream.send(&el).await,
+                    Outbound::Raw(bytes) => write_raw(stream, &bytes).await,
+                };
                 sim.dequeued(1);
                 res?;
             }
@@ -378,6 +381,24 @@ async fn run(
             },
         }
     }
+}
+
+/// Writes `bytes` verbatim under the XML stream (the test facility
+/// [`Simulator::send_raw`]). Every stanza before them was flushed by its
+/// `send`, so they land between two stanzas, exactly as queued.
+async fn write_raw(stream: &Stream, bytes: &[u8]) -> io::Result<()> {
+    let tcp = stream.get_stream().get_ref();
+    let mut written = 0;
+    while written < bytes.len() {
+        tcp.writable().await?;
+        match tcp.try_write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn set_attr(el: &mut Element, name: &'static rxml::NcNameStr, value: &str) {

@@ -72,6 +72,17 @@ pub struct SimStats {
 /// An outgoing queue of one link.
 pub(crate) type Outlet = mpsc::UnboundedSender<Element>;
 
+/// What a c2s session writes: a stanza, or (test facility, see
+/// [`Simulator::send_raw`]) bytes written verbatim.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    Stanza(Element),
+    Raw(Vec<u8>),
+}
+
+/// The outgoing queue of one c2s session.
+pub(crate) type SessionOutlet = mpsc::UnboundedSender<Outbound>;
+
 struct ComponentLink {
     id: u64,
     tx: Outlet,
@@ -80,7 +91,7 @@ struct ComponentLink {
 struct Session {
     id: u64,
     bare: String,
-    tx: Outlet,
+    tx: SessionOutlet,
     available: bool,
     priority: i8,
 }
@@ -311,6 +322,57 @@ impl Simulator {
         self.bump();
     }
 
+    // ---- test facilities: hostile traffic ----
+    //
+    // What a well-behaved OnSIP never sends, for tests of how a client copes:
+    // arbitrary bytes (malformed XML, a giant stanza) and arbitrary stanzas
+    // (a spoofed `from`, unknown namespaces, thousands of items). Nothing
+    // here goes through the service: its state and counters do not change.
+
+    /// **Test facility.** Writes `bytes` verbatim into the in-process c2s
+    /// stream of every session `to` names: a full JID names one session, a
+    /// bare JID every session of that account (whatever its presence). No
+    /// check of any kind: the bytes may be malformed XML, a partial stanza,
+    /// or a stanza of any size. They are queued behind (and in order with)
+    /// the stanzas already queued for the session, and written without
+    /// holding up other sessions' traffic.
+    ///
+    /// Only the c2s face ([`crate::serve_c2s`]) carries raw bytes; component
+    /// links into a real server are never given any (the server would end
+    /// the link). Returns the number of sessions the bytes were queued on.
+    pub fn send_raw(&self, to: &str, bytes: impl Into<Vec<u8>>) -> usize {
+        let bytes = bytes.into();
+        let links = lock(&self.inner.links);
+        let bare = xml::bare_jid(to).unwrap_or_else(|| to.to_owned());
+        let exact = links.sessions.contains_key(to);
+        let mut queued = 0;
+        for (jid, session) in &links.sessions {
+            let hit = if exact {
+                jid == to
+            } else {
+                session.bare == bare
+            };
+            if hit && self.enqueue(&session.tx, Outbound::Raw(bytes.clone())) {
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    /// **Test facility.** Routes `stanza` exactly as if one of the services
+    /// had emitted it, without the service seeing or checking it: through
+    /// the component link of the service its `from` names, when there is one
+    /// (so a real server such as Prosody checks and forwards it), otherwise
+    /// straight to the c2s sessions its `to` names (so any `from` can be
+    /// spoofed there). Bare-JID delivery follows the usual presence rules.
+    pub fn inject_stanza(&self, stanza: Element) {
+        {
+            let links = lock(&self.inner.links);
+            self.route_one(&links, stanza);
+        }
+        self.bump();
+    }
+
     /// Is `jid` one of the two service JIDs?
     pub fn serves(&self, jid: &str) -> bool {
         let cfg = &self.inner.config;
@@ -374,7 +436,9 @@ impl Simulator {
         let is_full = jid::Jid::new(&to).map(|j| j.is_full()).unwrap_or(false);
         if is_full {
             match links.sessions.get(&to) {
-                Some(s) => self.enqueue(&s.tx, el),
+                Some(s) => {
+                    self.enqueue(&s.tx, Outbound::Stanza(el));
+                }
                 None => {
                     c.undeliverable.fetch_add(1, Ordering::Relaxed);
                 }
@@ -394,22 +458,24 @@ impl Simulator {
             return;
         }
         for s in targets {
-            self.enqueue(&s.tx, el.clone());
+            self.enqueue(&s.tx, Outbound::Stanza(el.clone()));
         }
     }
 
-    fn enqueue(&self, tx: &Outlet, el: Element) {
-        if tx.send(el).is_ok() {
+    fn enqueue<T>(&self, tx: &mpsc::UnboundedSender<T>, item: T) -> bool {
+        if tx.send(item).is_ok() {
             self.inner.queued.fetch_add(1, Ordering::Relaxed);
             self.inner
                 .counters
                 .delivered
                 .fetch_add(1, Ordering::Relaxed);
+            true
         } else {
             self.inner
                 .counters
                 .undeliverable
                 .fetch_add(1, Ordering::Relaxed);
+            false
         }
     }
 
@@ -497,7 +563,7 @@ impl Simulator {
         &self,
         bare: &str,
         resource: &str,
-    ) -> (String, u64, mpsc::UnboundedReceiver<Element>) {
+    ) -> (String, u64, mpsc::UnboundedReceiver<Outbound>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self.link_id();
         let full = {
