@@ -344,7 +344,8 @@ pub fn run_one(data: &[u8]) {
     // The exporter's byte-level guard runs before any XML parser: what it
     // refuses (too big, too deep) ends the stream and is never parsed.
     let mut guard = onsip_ua_exporter::xml_guard::Scanner::new(Default::default());
-    let header = "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+    let header =
+        "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
     if guard.scan(header.as_bytes()).is_err() || guard.scan(text.as_bytes()).is_err() {
         return;
     }
