@@ -177,7 +177,9 @@ step_fuzz() {
 }
 
 step_deploy() {
-    cargo build --bin onsip-ua-exporter
+    # The binary the test step built (a no-op then; `cargo build` would rebuild the tree
+    # without the dev-dependencies' features).
+    cargo test --workspace --no-run --quiet
     ONSIP_UA_EXPORTER_BIN="$REPO_ROOT/target/debug/onsip-ua-exporter" bash deploy/check.sh
 }
 
