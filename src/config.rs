@@ -96,6 +96,8 @@ pub enum Command {
     CheckConfig,
     /// Run the built-in OnSIP simulator and the exporter against it, with phones that come and go.
     Demo(DemoArgs),
+    /// Run the built-in OnSIP simulator alone (its XMPP face) with a fleet and a load, for benchmarks against an exporter.
+    Simulate(SimulateArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -106,6 +108,30 @@ pub struct DemoArgs {
     /// SIP addresses per domain in the demo fleet (three domains).
     #[arg(long = "demo.phones", default_value_t = 6)]
     pub phones: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Where the simulator's XMPP (client-to-server) face listens.
+    #[arg(long = "sim.listen-address", default_value = "127.0.0.1:5222")]
+    pub listen_address: SocketAddr,
+    /// SIP addresses in the fleet; the account is authorized for every one.
+    #[arg(long = "sim.addresses", default_value_t = 1000)]
+    pub addresses: usize,
+    /// SIP domains the addresses are spread over.
+    #[arg(long = "sim.domains", default_value_t = 50)]
+    pub domains: usize,
+    /// How long to wait for an exporter to subscribe before the load starts.
+    #[arg(long = "sim.wait", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+    /// After the load, read more loads from standard input, one a line, written as --load.* flags.
+    #[arg(long = "sim.commands")]
+    pub commands: bool,
+    /// Log level of the simulator: error, warn, info, debug, trace.
+    #[arg(long = "log.level", default_value = "warn")]
+    pub log_level: String,
+    #[command(flatten)]
+    pub load: crate::simulate::LoadArgs,
 }
 
 /// Flags of the exporter. Options without a default here get theirs in

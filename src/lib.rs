@@ -22,6 +22,7 @@
 //!   headers (`--web.config.file`, exporter-toolkit format).
 //! - [`app`]: wiring and orderly shutdown; [`telemetry`]: logging;
 //!   [`demo`]: the simulator and the exporter together, for a first look.
+//! - [`simulate`]: the simulator alone with a fleet and a load, for benchmarks.
 //!
 //! The OnSIP simulator the tests and the demo run against is its own crate,
 //! `onsip-sim`, so a parsing bug here cannot mirror itself there.
@@ -36,6 +37,7 @@ pub mod page;
 pub mod persist;
 pub mod process;
 pub mod session;
+pub mod simulate;
 pub mod stanza;
 pub mod state;
 pub mod status;

@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => {
             runtime.block_on(onsip_ua_exporter::demo::run(args, shutdown_signal()))
         }
+        Some(Command::Simulate(args)) => {
+            runtime.block_on(onsip_ua_exporter::simulate::run(args, shutdown_signal()))
+        }
     }
 }
 
