@@ -26,7 +26,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use prometheus_client::registry::Registry;
 
 use crate::process;
-use crate::state::{AddressRow, DomainRow, FleetSnapshot, Shared};
+use crate::state::{AddressRow, DomainRow, FleetSnapshot, Shared, SnapshotCursor};
+
+/// Addresses copied per lock hold (~1 ms).
+const ROWS_PER_LOCK: usize = 8192;
 use crate::status::{ErrorKind, EventKind, NodeState, Resync, SessionStatus};
 
 /// The response formats `/metrics` can produce.
@@ -88,14 +91,22 @@ impl Metrics {
 
     /// Encodes every metric in `format`.
     pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
-        let (fleet, session) = {
+        // The copy is taken in parts, the lock released in between, so a
+        // scrape of a large fleet stalls event ingestion ~1 ms at a time.
+        let mut fleet = FleetSnapshot::default();
+        let mut cursor = SnapshotCursor::default();
+        let session = loop {
             // A poisoned lock means a panic elsewhere; the data is still the
             // best we have, so export it rather than fail every scrape.
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                state.fleet.snapshot(self.per_address),
-                state.session.clone(),
-            )
+            if state
+                .fleet
+                .snapshot_part(self.per_address, &mut cursor, ROWS_PER_LOCK, &mut fleet)
+            {
+                break state.session.clone();
+            }
+            drop(state);
+            std::thread::yield_now();
         };
         // Room for this scrape in one allocation: a large fleet's response
         // is tens of MB, and growing by doubling would copy it ~25 times

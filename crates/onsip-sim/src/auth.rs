@@ -31,6 +31,10 @@ pub struct AuthorizationInfo {
 #[derive(Debug, Default)]
 pub struct AuthStore {
     by_jid: HashMap<String, BTreeMap<String, DateTime<Utc>>>,
+    /// The earliest expiry held: `expire` has nothing to drop before it.
+    /// The service calls `expire` on every publish; without this it walked
+    /// every authorized address each time (O(addresses) per event).
+    earliest: Option<DateTime<Utc>>,
 }
 
 impl AuthStore {
@@ -40,6 +44,9 @@ impl AuthStore {
         let entry = self.by_jid.entry(bare_jid.to_owned()).or_default();
         for a in addresses {
             entry.insert(a.clone(), expires);
+        }
+        if !addresses.is_empty() {
+            self.earliest = Some(self.earliest.map_or(expires, |e| e.min(expires)));
         }
     }
 
@@ -66,10 +73,14 @@ impl AuthStore {
 
     /// Forget lapsed authorizations.
     pub fn expire(&mut self, now: DateTime<Utc>) {
+        if self.earliest.is_none_or(|e| e > now) {
+            return;
+        }
         self.by_jid.retain(|_, m| {
             m.retain(|_, exp| *exp > now);
             !m.is_empty()
         });
+        self.earliest = self.by_jid.values().flat_map(|m| m.values()).min().copied();
     }
 
     /// Drop the authorizations of one bare JID, or of everyone.
