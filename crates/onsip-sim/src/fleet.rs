@@ -419,7 +419,7 @@ impl LoadPlan {
     /// `devices_per_address` device slots per address, all offline at first.
     pub fn new(seed: u64, addresses: Vec<String>, devices_per_address: usize, churn: f64) -> Self {
         let slots = (0..addresses.len())
-            .flat_map(|a| std::iter::repeat((a, None)).take(devices_per_address.max(1)))
+            .flat_map(|a| std::iter::repeat_n((a, None), devices_per_address.max(1)))
             .collect();
         LoadPlan {
             rng: Rng::new(seed),

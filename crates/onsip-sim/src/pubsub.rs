@@ -126,7 +126,7 @@ struct Subscription {
 
 impl Subscription {
     fn live(&self, now: DateTime<Utc>) -> bool {
-        self.expires.map_or(true, |e| e > now)
+        self.expires.is_none_or(|e| e > now)
     }
 
     fn info(&self) -> SubscriptionInfo {
@@ -483,7 +483,7 @@ impl PubSub {
             .filter(|(_, s)| s.node == node && s.bare == ctx.from_bare && s.live(ctx.now))
             .filter(|(_, s)| {
                 el.attr("jid")
-                    .map_or(true, |j| j == s.jid || !j.contains('/'))
+                    .is_none_or(|j| j == s.jid || !j.contains('/'))
             })
             .map(|(i, _)| i)
             .collect();
@@ -521,7 +521,7 @@ impl PubSub {
     ) -> Result<Vec<Element>, StanzaError> {
         let i = self.find(ctx, el)?;
         let form = Form::from_parent(el);
-        if form.as_ref().map_or(true, |f| f.form_type != "submit") {
+        if form.as_ref().is_none_or(|f| f.form_type != "submit") {
             return Err(
                 bad(ErrorType::Modify, "bad-request").with_text("options need a submitted form")
             );
@@ -577,7 +577,7 @@ impl PubSub {
             .subs
             .iter()
             .filter(|s| s.bare == ctx.from_bare && s.live(ctx.now))
-            .filter(|s| node.as_ref().map_or(true, |n| *n == s.node))
+            .filter(|s| node.as_ref().is_none_or(|n| *n == s.node))
             .map(|s| {
                 El::new("subscription", NS_PUBSUB)
                     .attr(xml_ncname!("node"), s.node.to_string())
