@@ -29,6 +29,8 @@ pub struct StatusView {
     pub authorized_addresses: usize,
     pub subscriptions: Vec<SubscriptionView>,
     pub resync: String,
+    /// The state file's story in this process, when one is configured.
+    pub state_file: Option<String>,
     pub last_event: Option<f64>,
     pub domains: Vec<DomainView>,
     pub offline_total: usize,
@@ -126,6 +128,18 @@ impl StatusView {
                     format!("rebuilt from live events (items retrieval: {reason})")
                 }
             },
+            state_file: state.persist.enabled.then(|| {
+                let persist = &state.persist;
+                let loaded = match &persist.loaded {
+                    Some(Ok(devices)) => format!("{devices} devices loaded at start"),
+                    Some(Err(reason)) => format!("not loaded ({reason})"),
+                    None => "not read yet".to_owned(),
+                };
+                format!(
+                    "{loaded}; {} writes, {} failed",
+                    persist.writes, persist.write_errors
+                )
+            }),
             last_event: session.last_event,
             domains,
             offline_total,
@@ -434,13 +448,18 @@ pub fn render_html(view: &StatusView, telemetry_path: &str) -> String {
 <tr><th>XMPP</th><td>{connected} <span class=\"addr\">{jid}</span></td></tr>\
 <tr><th>Sessions</th><td>{connects} established</td></tr>\
 <tr><th>Authorization</th><td>{authorized} {addresses} addresses · expires {expiry}</td></tr>\
-<tr><th>State</th><td>{resync}</td></tr>\
+<tr><th>State</th><td>{resync}</td></tr>{state_file}\
 <tr><th>Last event</th><td>{last_event}</td></tr>",
         jid = escape(view.bound_jid.as_deref().unwrap_or("")),
         connects = view.connects,
         addresses = view.authorized_addresses,
         expiry = when(now, view.authorization_expiry.map(|e| e as f64)),
         resync = escape(&view.resync),
+        state_file = view
+            .state_file
+            .as_ref()
+            .map(|f| format!("<tr><th>State file</th><td>{}</td></tr>", escape(f)))
+            .unwrap_or_default(),
         last_event = when(now, view.last_event),
     );
     if let Some(err) = &view.last_error {

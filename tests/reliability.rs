@@ -287,6 +287,13 @@ async fn corrupt_state_file_is_moved_aside_not_fatal() {
     };
     let running = world.exporter(flags, XMPP_PASSWORD).await;
     wait_metric(running.addr, "onsip_up", 1.0, DEADLINE).await;
+    let (_, status) = common::exporter::http_get(running.addr, "/api/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let story = status["state_file"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        story.starts_with("not loaded ("),
+        "status page says: {story}"
+    );
     let aside = dir.path().join("state.json.corrupt");
     assert_eq!(
         std::fs::read_to_string(&aside).expect("kept aside"),
