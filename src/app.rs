@@ -50,7 +50,7 @@ impl Exporter {
 pub async fn start(config: Config, cancel: CancellationToken) -> Result<Exporter, String> {
     let config = Arc::new(config);
     // Build the TLS trust store now so a bad CA file fails at start-up.
-    if let crate::config::Transport::StartTls { ca_file } = &config.xmpp.transport {
+    if let crate::config::Transport::StartTls { ca_file, .. } = &config.xmpp.transport {
         crate::xmpp::tls_config(ca_file.as_deref())?;
     }
     let listener = http::bind(config.listen_address).await?;

@@ -173,6 +173,9 @@ pub struct Flags {
         env = "ONSIP_XMPP_INSECURE_PLAINTEXT_FOR_TESTS"
     )]
     pub plaintext: bool,
+    /// TLS from the first byte (XEP-0368, port 5223; SRV _xmpps-client) instead of STARTTLS.
+    #[arg(long = "xmpp.direct-tls", env = "ONSIP_XMPP_DIRECT_TLS")]
+    pub direct_tls: bool,
     /// How long to wait for any reply [default: 10s].
     #[arg(long = "xmpp.timeout", env = "ONSIP_XMPP_TIMEOUT", value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
@@ -277,6 +280,7 @@ pub struct FileXmpp {
     pub password_file: Option<PathBuf>,
     pub server: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub direct_tls: Option<bool>,
     #[serde(default, with = "humantime_serde_opt")]
     pub timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -356,7 +360,12 @@ pub enum Server {
 pub enum Transport {
     /// STARTTLS, verifying the certificate against the system roots plus
     /// an optional extra CA file.
-    StartTls { ca_file: Option<PathBuf> },
+    StartTls {
+        ca_file: Option<PathBuf>,
+        /// TLS from the first byte (XEP-0368, usually port 5223) instead of
+        /// STARTTLS.
+        direct: bool,
+    },
     /// No TLS: only allowed to a loopback host, for tests.
     PlaintextForTests,
 }
@@ -566,6 +575,12 @@ impl Config {
             None => Server::Srv,
         };
         let transport = if flags.plaintext {
+            if flags.direct_tls {
+                return Err(invalid(
+                    "--xmpp.direct-tls",
+                    "cannot be combined with --xmpp.insecure-plaintext-for-tests",
+                ));
+            }
             match &server {
                 Server::HostPort(host, _) if is_loopback_host(host) => Transport::PlaintextForTests,
                 _ => {
@@ -585,7 +600,10 @@ impl Config {
                     ));
                 }
             }
-            Transport::StartTls { ca_file }
+            Transport::StartTls {
+                ca_file,
+                direct: flags.direct_tls || file.xmpp.direct_tls.unwrap_or(false),
+            }
         };
         let timeout = flags
             .timeout
@@ -878,6 +896,7 @@ mod tests {
             (Flags { watch: vec!["bob".into()], ..flags() }, "--onsip.watch: \"bob\" is not a SIP address user@domain"),
             (Flags { log_level: Some("loud".into()), ..flags() }, "--log.level: \"loud\" is not one of error, warn, info, debug, trace"),
             (Flags { timeout: Some(Duration::from_millis(1)), ..flags() }, "--xmpp.timeout: must be at least 100ms"),
+            (Flags { plaintext: true, direct_tls: true, server: Some("127.0.0.1:5223".into()), ..flags() }, "--xmpp.direct-tls: cannot be combined with --xmpp.insecure-plaintext-for-tests"),
             (Flags { max_addresses: Some(0), ..flags() }, "--state.max-addresses: must be at least 1"),
         ];
         for (flags, expected) in cases {

@@ -87,7 +87,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let tls = match &config.xmpp.transport {
-        Transport::StartTls { ca_file } => Some(xmpp::tls_config(ca_file.as_deref())?),
+        Transport::StartTls { ca_file, .. } => Some(xmpp::tls_config(ca_file.as_deref())?),
         Transport::PlaintextForTests => {
             warn!("XMPP link without TLS: --xmpp.insecure-plaintext-for-tests is for loopback tests only");
             None

@@ -142,7 +142,10 @@ pub async fn open(
     };
     let dns = match &config.server {
         Server::HostPort(host, port) => DnsConfig::no_srv(host, *port),
-        Server::Srv => DnsConfig::srv_default_client(&domain),
+        Server::Srv => match config.transport {
+            Transport::StartTls { direct: true, .. } => DnsConfig::srv_xmpps(&domain),
+            _ => DnsConfig::srv_default_client(&domain),
+        },
     };
     let step = config.timeout;
     let tcp = within(step, "connect", dns.resolve())
@@ -162,9 +165,13 @@ pub async fn open(
             .await?
             .map_err(|e| fail(ErrorKind::Stream, e.to_string()))?
         }
-        Transport::StartTls { .. } => {
+        Transport::StartTls { direct, .. } => {
             let tls = tls.ok_or_else(|| fail(ErrorKind::Tls, "no TLS configuration"))?;
-            let secured = within(step, "STARTTLS", starttls(tcp, &domain, tls, timeouts)).await??;
+            let secured = if *direct {
+                within(step, "TLS handshake", handshake(tcp, &domain, tls)).await??
+            } else {
+                within(step, "STARTTLS", starttls(tcp, &domain, tls, timeouts)).await??
+            };
             let io: Box<dyn AsyncReadAndWrite + Send> =
                 Box::new(BufStream::new(Guarded::new(secured, XmlLimits::default())));
             within(
@@ -279,7 +286,15 @@ async fn starttls(
             None => return Err(fail(ErrorKind::Stream, "server closed the connection")),
         }
     }
-    let tcp = stream.into_inner().into_inner();
+    handshake(stream.into_inner().into_inner(), domain, tls).await
+}
+
+/// The TLS handshake, verifying the certificate for the JID's domain.
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    domain: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, LinkError> {
     let server_name = rustls::pki_types::ServerName::try_from(domain.to_owned())
         .map_err(|e| fail(ErrorKind::Tls, format!("{domain}: {e}")))?;
     tokio_rustls::TlsConnector::from(tls.clone())

@@ -303,3 +303,27 @@ async fn a_shard_exports_only_the_addresses_its_nodes_cover() {
     assert_eq!(m.get("onsip_authorized_addresses"), Some(&2.0));
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_login() {
+    // XEP-0368: TLS from the first byte on Prosody's direct-TLS port.
+    let port = common::wait::free_port();
+    let world = common::world::world_with_prosody(
+        |b| b.global_config(&format!("c2s_direct_tls_ports = {{ {port} }}\nc2s_direct_tls_interfaces = {{ \"127.0.0.1\" }}\n")),
+        |_| {},
+    )
+    .await;
+    let flags = onsip_ua_exporter::config::Flags {
+        server: Some(format!("127.0.0.1:{port}")),
+        direct_tls: true,
+        ..world.flags()
+    };
+    let running = world.exporter(flags, XMPP_PASSWORD).await;
+    wait_metric(running.addr, "onsip_up", 1.0, DEADLINE).await;
+    let log = world.prosody.log();
+    assert!(
+        log.contains("SCRAM-SHA-1") || log.contains("SCRAM-SHA-256"),
+        "no SCRAM in Prosody's log"
+    );
+    running.stop().await;
+}

@@ -33,7 +33,15 @@ impl Drop for World {
 /// Starts Prosody and the simulator (configured by `tweak`), and waits for
 /// the simulator's components to be attached.
 pub async fn world_with(tweak: impl FnOnce(&mut SimConfig)) -> World {
-    let prosody = Prosody::builder().allow_tls13().sasl_plain(false).start();
+    world_with_prosody(|b| b, tweak).await
+}
+
+/// `world_with`, with the Prosody configuration adjusted by `prosody_tweak`.
+pub async fn world_with_prosody(
+    prosody_tweak: impl FnOnce(super::prosody::ProsodyBuilder) -> super::prosody::ProsodyBuilder,
+    tweak: impl FnOnce(&mut SimConfig),
+) -> World {
+    let prosody = prosody_tweak(Prosody::builder().allow_tls13().sasl_plain(false)).start();
     prosody.register("exporter", XMPP_PASSWORD);
     let jid = prosody.jid("exporter");
     let mut account = Account::new(&jid, &ADDRESSES, WEB_PASSWORD);
