@@ -26,6 +26,23 @@ fn register(world: &common::world::World, address: &str, id: &str, expires: chro
     );
 }
 
+/// Registers a phone for an hour and waits until `/metrics` shows it.
+async fn phone_online(
+    world: &common::world::World,
+    addr: std::net::SocketAddr,
+    address: &str,
+    id: &str,
+) {
+    register(world, address, id, Utc::now() + chrono::Duration::hours(1));
+    wait_metric(
+        addr,
+        &series("onsip_user_agent_devices", address),
+        1.0,
+        DEADLINE,
+    )
+    .await;
+}
+
 /// Waits until `series` is at least `min`.
 async fn wait_at_least(addr: std::net::SocketAddr, series: &str, min: f64) -> f64 {
     eventually(DEADLINE, &format!("{series} >= {min}"), || async move {
@@ -110,19 +127,7 @@ async fn silent_link_is_detected_and_replaced() {
     wait_metric(addr, "onsip_xmpp_connects_total", 2.0, DEADLINE).await;
     wait_metric(addr, "onsip_up", 1.0, DEADLINE).await;
     // Events flow on the new link.
-    register(
-        &world,
-        ADDRESSES[1],
-        "b1",
-        Utc::now() + chrono::Duration::hours(1),
-    );
-    wait_metric(
-        addr,
-        &series("onsip_user_agent_devices", ADDRESSES[1]),
-        1.0,
-        DEADLINE,
-    )
-    .await;
+    phone_online(&world, addr, ADDRESSES[1], "b1").await;
     running.stop().await;
 }
 
@@ -333,19 +338,7 @@ async fn short_authorization_is_renewed_with_the_subscription() {
         (Utc::now() > past).then_some(())
     })
     .await;
-    register(
-        &world,
-        ADDRESSES[0],
-        "late",
-        Utc::now() + chrono::Duration::hours(1),
-    );
-    wait_metric(
-        addr,
-        &series("onsip_user_agent_devices", ADDRESSES[0]),
-        1.0,
-        DEADLINE,
-    )
-    .await;
+    phone_online(&world, addr, ADDRESSES[0], "late").await;
     let m = scrape(addr).await;
     assert_eq!(m.get("onsip_up"), Some(&1.0));
     assert_eq!(m.get("onsip_xmpp_connects_total"), Some(&1.0));
@@ -402,19 +395,7 @@ async fn sigterm_unsubscribes_writes_state_and_exits_zero() {
         (scrape(addr).await.get("onsip_up") == Some(&1.0)).then_some(())
     })
     .await;
-    register(
-        &world,
-        ADDRESSES[0],
-        "p1",
-        Utc::now() + chrono::Duration::hours(1),
-    );
-    wait_metric(
-        addr,
-        &series("onsip_user_agent_devices", ADDRESSES[0]),
-        1.0,
-        DEADLINE,
-    )
-    .await;
+    phone_online(&world, addr, ADDRESSES[0], "p1").await;
     assert_eq!(world.our_subscriptions(), 1);
 
     let status = std::process::Command::new("kill")
